@@ -1,0 +1,15 @@
+"""Test configuration: 8 virtual CPU devices, set before jax is imported."""
+
+import os
+
+_FLAG = "--xla_force_host_platform_device_count=8"
+if _FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Never touch the network from tests (tfds, orbax, ...).
+os.environ.setdefault("TFDS_DISABLE_GCS", "1")
+os.environ.setdefault("NO_GCE_CHECK", "true")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_threefry_partitionable", True)
