@@ -14,8 +14,8 @@ import importlib
 
 from asgd_jax import delays, history
 from asgd_jax.transforms import (
-    StaleState,
     StalenessMetrics,
+    StaleState,
     delay_compensation,
     gap_aware,
     reseed,

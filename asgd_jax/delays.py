@@ -143,8 +143,10 @@ def uniform01(seed: jax.Array, counter: jax.Array, stream: int = 0) -> jax.Array
 
 
 def _check_int(name: str, value: Any, *, low: int = 0, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        if isinstance(value, numbers.Real) and float(value).is_integer():
+    if isinstance(value, bool):
+        raise TypeError(f"`{name}` must be an integer, got {value!r}.")
+    if not isinstance(value, numbers.Integral):
+        if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
             value = int(value)
         else:
             raise TypeError(f"`{name}` must be an integer, got {value!r}.")
@@ -265,9 +267,7 @@ def poisson(mean: float, max_delay: int) -> DelayModel:
     mean = _check_real("mean", mean)
     max_delay = _check_int("max_delay", max_delay)
     if max_delay < mean:
-        raise ValueError(
-            f"`max_delay` must be ≥ `mean`, got max_delay={max_delay}, mean={mean}."
-        )
+        raise ValueError(f"`max_delay` must be ≥ `mean`, got max_delay={max_delay}, mean={mean}.")
     k = np.arange(max_delay + 1)
     if mean == 0:
         pmf = (k == 0).astype(np.float64)

@@ -1,8 +1,8 @@
 """The optax surface of asgd_jax: the stale wrapper and staleness-aware transformations."""
 
 from asgd_jax.transforms._stale import (
-    StaleState,
     StalenessMetrics,
+    StaleState,
     find_stale_state,
     reseed,
     stale,
