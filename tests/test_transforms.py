@@ -85,10 +85,21 @@ def test_delay_zero_is_inner_bitwise(name):
 
 
 def test_delay_zero_model_with_history_is_inner_bitwise():
-    # max_delay > 0 (a buffer exists) but every τ is 0: still exactly the inner optimizer.
+    # max_delay > 0 (a buffer exists) but every τ is 0: the same arithmetic as the inner
+    # optimizer. The compiled program differs (it also writes the buffer), so XLA may fuse
+    # (and contract multiply-adds) differently: equal to float rounding, not bit for bit.
     params, _ = _run(asgd.stale(optax.adam(1e-2), delay=delays.categorical([1.0, 0.0, 0.0])), 60)
     ref, _ = _run_plain(optax.adam(1e-2), 60)
-    chex.assert_trees_all_equal(params, ref)
+    chex.assert_trees_all_close(params, ref, rtol=1e-6, atol=1e-7)
+    # Eagerly (op by op, no fusion) it is bitwise.
+    tx = asgd.stale(optax.adam(1e-2), delay=delays.categorical([1.0, 0.0]))
+    eager, _ = _run(tx, 5, jit=False)
+    plain = optax.adam(1e-2)
+    p, s = _init_params(), plain.init(_init_params())
+    for _ in range(5):
+        u, s = plain.update(jax.grad(_loss)(p), s, p)
+        p = optax.apply_updates(p, u)
+    chex.assert_trees_all_equal(eager, p)
 
 
 def test_delay_zero_under_multisteps_bitwise():
@@ -494,7 +505,7 @@ def test_init_on_abstract_shapes():
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _init_params())
     state = jax.eval_shape(tx.init, abstract)
     assert state.history["w"].shape == (4, 5, 3)
-    assert state.stale_snapshot["b"].shape == (3,)
+    assert state.stale_step.shape == ()
 
 
 def test_state_is_arrays_only_and_init_does_not_alias_params():
@@ -550,7 +561,7 @@ def test_state_sharding_is_stable_on_8_devices():
     new_params, new_state = step(params, state)
     # The wrapper's own buffers keep their sharding across steps (the inner optimizer's state
     # is optax's business).
-    ours = lambda s: (s.history, s.stale_snapshot)  # noqa: E731
+    ours = lambda s: (s.history,)  # noqa: E731
     for before, after in zip(
         jax.tree.leaves(ours(state)), jax.tree.leaves(ours(new_state)), strict=True
     ):
