@@ -1,0 +1,97 @@
+"""A parameter server with n simulated workers, as a delay model.
+
+An event-driven simulation written with ``jax.lax``: n workers each pull the current
+parameters (version ``v``), compute a gradient for a random time, and push it; the server
+applies gradients in arrival order. The staleness of a gradient is the number of updates the
+server applied between the worker's pull and its push. The model plugs into
+:func:`asgd_jax.stale` like any :class:`~asgd_jax.delays.DelayModel` and also reports, per
+update, the simulated wall-clock time, the worker id and whether the gradient was accepted.
+
+Everything is a pure function of the key: the compute time of worker ``i``'s ``c``-th
+computation is the quantile of a compute-time law at a counter-hashed uniform of
+``(key, c·n + i)`` (:func:`asgd_jax.delays.uniform01`). The same key therefore gives every
+protocol the same per-worker compute times (common random numbers), so protocols can be
+compared run against run.
+
+Protocols (``parameter_server(..., protocol=...)``):
+
+* ``"async"``: every arrival is applied at once (Downpour / ASGD). With ``max_staleness=S``
+  a gradient staler than S is dropped and the worker re-pulls the current version.
+* ``"ssp"``: Stale Synchronous Parallel (Ho et al. 2013). Worker i's clock ``c_i`` counts
+  its pushes; it may start another computation only while ``c_i ≤ min_j c_j + S``, else it
+  blocks until the slowest worker pushes, then pulls the current version.
+* ``"k_async"``: the server applies the mean of every K accepted arrivals (any workers; a
+  fast worker may contribute twice, which is Dutta et al.'s K-batch-async). Workers never
+  wait. See ``group_staleness`` for the single τ the delay-model interface hands on.
+* ``"k_sync"``: synchronous rounds. All n workers pull the current version, the server waits
+  for the first K arrivals, applies their mean and cancels the n − K stragglers (counted in
+  ``dropped``); the round time is the K-th order statistic of the n cycle times, the
+  staleness is always 0. ``k=None`` means K = n (fully synchronous SGD).
+
+Ties between arrivals at the same simulated time are broken by the lowest worker id, so n
+equal deterministic workers give exactly 0, 1, …, n − 1, n − 1, n − 1, … .
+
+Cost: each arrival is one masked minimum over the n next-finish times, so an update costs
+O(n) (O(n log n) per round for ``k_sync``); finish times are stored relative to the current
+time, so the float32 ordering of events does not degrade as the simulated clock grows. On
+CPU, XLA runs a loop body as a sequence of small kernels; letting it compile the whole event
+loop into one kernel, by setting before JAX is imported ::
+
+  XLA_FLAGS=--xla_backend_extra_options=xla_cpu_small_while_loop_byte_threshold=1000000000
+
+makes :func:`simulate` several times faster for n ≥ 64 (see ``benchmarks/workers.py``).
+
+Layout: ``_laws`` (compute-time laws, order statistics), ``_state`` (state and trace
+types), ``_events`` (the jittable arrival / round), ``_server`` (:func:`parameter_server`),
+``_simulate`` (whole runs).
+
+References:
+  Dutta, Joshi, Ghosh, Dube, Nagpurkar, "Slow and Stale Gradients Can Win the Race:
+  Error-Runtime Trade-offs in Distributed SGD", AISTATS 2018, arXiv 1803.01113.
+  Ho et al., "More Effective Distributed ML via a Stale Synchronous Parallel Parameter
+  Server", NIPS 2013.
+  Koloskova, Stich, Jaggi, "Sharper Convergence Guarantees for Asynchronous SGD for
+  Distributed and Federated Learning", NeurIPS 2022, arXiv 2206.08307.
+  Yu, Chen, Poor, "Distributed Stochastic Gradient Descent with Staleness: A Stochastic Delay
+  Differential Equation Based Framework", IEEE TSP 2025, arXiv 2406.11159.
+"""
+
+from asgd_jax.workers._laws import (
+    ComputeTime,
+    Deterministic,
+    Exponential,
+    LogNormal,
+    Pareto,
+    ShiftedExponential,
+    deterministic,
+    expected_order_statistic,
+    exponential,
+    lognormal,
+    pareto,
+    shifted_exponential,
+)
+from asgd_jax.workers._server import WorkerModel, parameter_server
+from asgd_jax.workers._simulate import cycle_times, simulate, simulate_events
+from asgd_jax.workers._state import WorkerState, WorkerTrace
+
+__all__ = [
+    "ComputeTime",
+    "Deterministic",
+    "Exponential",
+    "ShiftedExponential",
+    "LogNormal",
+    "Pareto",
+    "deterministic",
+    "exponential",
+    "shifted_exponential",
+    "lognormal",
+    "pareto",
+    "expected_order_statistic",
+    "WorkerModel",
+    "WorkerState",
+    "WorkerTrace",
+    "cycle_times",
+    "parameter_server",
+    "simulate",
+    "simulate_events",
+]

@@ -1,0 +1,392 @@
+"""Compute-time laws of the simulated workers, and order statistics of their times."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.integrate
+import scipy.special
+import scipy.stats
+
+from asgd_jax import delays
+from asgd_jax.delays import _check_int, _check_real
+
+
+def _open_uniform(seed: jax.Array, counter: jax.Array, stream: int) -> jax.Array:
+    """A float32 uniform strictly inside (0, 1) whose complement 1 − u is also exact.
+
+    ``(2m + 1)·2⁻²⁴`` with m a 23-bit hash: both u and 1 − u are representable, so no
+    quantile function is ever evaluated at 0 or 1 (the largest draw is the 1 − 2⁻²⁴ quantile).
+    """
+    u = delays.uniform01(seed, counter, stream)
+    return jnp.floor(u * jnp.float32(2.0**23)) * jnp.float32(2.0**-23) + jnp.float32(2.0**-24)
+
+
+class ComputeTime:
+    """A law of the time one worker needs for one gradient (a positive random variable).
+
+    Subclasses are frozen dataclasses with
+
+    * ``mean`` / ``var``: moments (``math.inf`` when they do not exist);
+    * ``sample(u)``: the quantile function in JAX at uniforms ``u ∈ (0, 1)`` (inverse-CDF
+      sampling from hashed uniforms; jit/vmap friendly);
+    * ``draw(key, shape)``: i.i.d. draws from a PRNG key;
+    * ``ppf(u)`` / ``cdf(t)``: quantile and distribution function in NumPy (float64);
+    * ``laplace(s)``: E[e^{−sT}] in NumPy for real or complex ``s`` — in closed form where one
+      exists, else by quadrature of ``e^{−s·ppf(u)}`` over ``u ∈ (0, 1)`` (``Re s ≥ 0``).
+    """
+
+    name: str = "compute_time"
+    #: Tail index: P(T > t) ~ t^−tail_index (``inf`` for light tails).
+    tail_index: float = math.inf
+
+    @property
+    def mean(self) -> float:
+        raise NotImplementedError
+
+    @property
+    def var(self) -> float:
+        raise NotImplementedError
+
+    def sample(self, u: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def ppf(self, u: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    def cdf(self, t: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    def draw(self, key: chex.PRNGKey, shape: Sequence[int] = ()) -> jax.Array:
+        """``shape`` i.i.d. compute times from ``key`` (float32)."""
+        tiny = jnp.float32(2.0**-24)
+        u = jax.random.uniform(key, tuple(shape), jnp.float32, minval=tiny, maxval=1 - tiny)
+        return self.sample(u)
+
+    def laplace(self, s: Any) -> np.ndarray:
+        """E[e^{−sT}] by adaptive quadrature over the quantile function (``Re s ≥ 0``)."""
+        s_arr = np.asarray(s)
+        if np.any(np.real(s_arr) < 0):
+            raise ValueError(
+                f"`s` must have Re(s) ≥ 0 for the {self.name} law (its transform diverges "
+                "or has no closed form left of the imaginary axis)."
+            )
+
+        def one(z: complex) -> complex:
+            def part(fn: Callable[[float], float]) -> float:
+                return scipy.integrate.quad(fn, 0.0, 1.0, limit=400)[0]
+
+            decay = lambda u: math.exp(-z.real * float(self.ppf(u)))
+            re = part(lambda u: decay(u) * math.cos(z.imag * float(self.ppf(u))))
+            if z.imag == 0:
+                return complex(re, 0.0)
+            im = part(lambda u: -decay(u) * math.sin(z.imag * float(self.ppf(u))))
+            return complex(re, im)
+
+        out = np.vectorize(one, otypes=[complex])(s_arr.astype(complex))
+        return out if np.iscomplexobj(s_arr) else out.real
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Deterministic(ComputeTime):
+    """T = ``time`` always."""
+
+    time: float
+
+    @property
+    def name(self) -> str:
+        return f"deterministic({self.time:g})"
+
+    @property
+    def mean(self) -> float:
+        return self.time
+
+    @property
+    def var(self) -> float:
+        return 0.0
+
+    def sample(self, u: jax.Array) -> jax.Array:
+        return jnp.full(jnp.shape(u), self.time, jnp.float32)
+
+    def ppf(self, u: Any) -> np.ndarray:
+        return np.full(np.shape(u), self.time)
+
+    def cdf(self, t: Any) -> np.ndarray:
+        return (np.asarray(t, np.float64) >= self.time).astype(np.float64)
+
+    def laplace(self, s: Any) -> np.ndarray:
+        return np.exp(-np.asarray(s) * self.time)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Exponential(ComputeTime):
+    """T ~ Exponential with mean ``scale`` (memoryless; the classic queueing model)."""
+
+    scale: float
+
+    @property
+    def name(self) -> str:
+        return f"exponential({self.scale:g})"
+
+    @property
+    def mean(self) -> float:
+        return self.scale
+
+    @property
+    def var(self) -> float:
+        return self.scale**2
+
+    def sample(self, u: jax.Array) -> jax.Array:
+        return -jnp.float32(self.scale) * jnp.log1p(-u)
+
+    def ppf(self, u: Any) -> np.ndarray:
+        return -self.scale * np.log1p(-np.asarray(u, np.float64))
+
+    def cdf(self, t: Any) -> np.ndarray:
+        return -np.expm1(-np.maximum(np.asarray(t, np.float64), 0.0) / self.scale)
+
+    def laplace(self, s: Any) -> np.ndarray:
+        return 1.0 / (1.0 + np.asarray(s) * self.scale)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class ShiftedExponential(ComputeTime):
+    """T = ``shift`` + Exponential(mean ``scale``): a fixed minimum plus random slowdown."""
+
+    shift: float
+    scale: float
+
+    @property
+    def name(self) -> str:
+        return f"shifted_exponential({self.shift:g}, {self.scale:g})"
+
+    @property
+    def mean(self) -> float:
+        return self.shift + self.scale
+
+    @property
+    def var(self) -> float:
+        return self.scale**2
+
+    def sample(self, u: jax.Array) -> jax.Array:
+        return jnp.float32(self.shift) - jnp.float32(self.scale) * jnp.log1p(-u)
+
+    def ppf(self, u: Any) -> np.ndarray:
+        return self.shift - self.scale * np.log1p(-np.asarray(u, np.float64))
+
+    def cdf(self, t: Any) -> np.ndarray:
+        excess = np.maximum(np.asarray(t, np.float64) - self.shift, 0.0)
+        return -np.expm1(-excess / self.scale)
+
+    def laplace(self, s: Any) -> np.ndarray:
+        s = np.asarray(s)
+        return np.exp(-s * self.shift) / (1.0 + s * self.scale)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class LogNormal(ComputeTime):
+    """T = exp(``mu`` + ``sigma``·Z), Z standard normal. ``laplace`` is numerical."""
+
+    mu: float
+    sigma: float
+
+    @property
+    def name(self) -> str:
+        return f"lognormal({self.mu:g}, {self.sigma:g})"
+
+    @property
+    def mean(self) -> float:
+        return math.exp(self.mu + 0.5 * self.sigma**2)
+
+    @property
+    def var(self) -> float:
+        return math.expm1(self.sigma**2) * math.exp(2 * self.mu + self.sigma**2)
+
+    def sample(self, u: jax.Array) -> jax.Array:
+        z = jax.scipy.special.ndtri(u)
+        return jnp.exp(jnp.float32(self.mu) + jnp.float32(self.sigma) * z)
+
+    def ppf(self, u: Any) -> np.ndarray:
+        return np.exp(self.mu + self.sigma * scipy.special.ndtri(np.asarray(u, np.float64)))
+
+    def cdf(self, t: Any) -> np.ndarray:
+        t = np.asarray(t, np.float64)
+        with np.errstate(divide="ignore"):
+            z = (np.log(np.maximum(t, 0.0)) - self.mu) / self.sigma
+        return scipy.special.ndtr(z)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Pareto(ComputeTime):
+    """T = ``scale``·U^(−1/``alpha``): support [scale, ∞), P(T > t) = (scale/t)^alpha.
+
+    Heavy-tailed stragglers: the mean is infinite for alpha ≤ 1, the variance for alpha ≤ 2.
+    ``laplace`` is numerical (it is α·E_{α+1}(s·scale), a generalised exponential integral).
+    """
+
+    scale: float
+    alpha: float
+
+    @property
+    def name(self) -> str:
+        return f"pareto({self.scale:g}, {self.alpha:g})"
+
+    @property
+    def tail_index(self) -> float:  # type: ignore[override]
+        return self.alpha
+
+    @property
+    def mean(self) -> float:
+        a = self.alpha
+        return math.inf if a <= 1 else a * self.scale / (a - 1)
+
+    @property
+    def var(self) -> float:
+        a = self.alpha
+        return math.inf if a <= 2 else self.scale**2 * a / ((a - 1) ** 2 * (a - 2))
+
+    def sample(self, u: jax.Array) -> jax.Array:
+        return jnp.float32(self.scale) * jnp.exp(-jnp.log1p(-u) / jnp.float32(self.alpha))
+
+    def ppf(self, u: Any) -> np.ndarray:
+        return self.scale * np.exp(-np.log1p(-np.asarray(u, np.float64)) / self.alpha)
+
+    def cdf(self, t: Any) -> np.ndarray:
+        t = np.maximum(np.asarray(t, np.float64), self.scale)
+        return 1.0 - (self.scale / t) ** self.alpha
+
+
+def _check_finite(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a real number, got {value!r}.")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"`{name}` must be finite, got {value}.")
+    return float(value)
+
+
+def deterministic(time: float) -> Deterministic:
+    """Every computation takes exactly ``time`` (> 0)."""
+    return Deterministic(_check_real("time", time, strict=True))
+
+
+def exponential(mean: float) -> Exponential:
+    """Exponential compute times with the given ``mean`` (> 0)."""
+    return Exponential(_check_real("mean", mean, strict=True))
+
+
+def shifted_exponential(shift: float, mean: float) -> ShiftedExponential:
+    """``shift`` + Exponential: T = shift + E with E[E] = ``mean``, so E[T] = shift + mean.
+
+    The model of Dutta et al. (2018, arXiv 1803.01113) for a fixed minimum compute time
+    plus a random slowdown.
+
+    Args:
+      shift: the minimum compute time, ≥ 0.
+      mean: the mean of the exponential part (the time beyond ``shift``), > 0.
+    """
+    return ShiftedExponential(_check_real("shift", shift), _check_real("mean", mean, strict=True))
+
+
+def lognormal(
+    mu: float | None = None,
+    sigma: float | None = None,
+    *,
+    mean: float | None = None,
+    cv: float | None = None,
+) -> LogNormal:
+    """Log-normal compute times: T = exp(mu + sigma·Z).
+
+    Give either ``(mu, sigma)`` (parameters of log T) or ``mean=`` and ``cv=`` (the mean of T
+    and its coefficient of variation std/mean), converted by sigma² = log(1 + cv²),
+    mu = log(mean) − sigma²/2.
+    """
+    if mean is not None or cv is not None:
+        if mu is not None or sigma is not None or mean is None or cv is None:
+            raise ValueError("Give either `mu` and `sigma`, or both `mean=` and `cv=`.")
+        mean = _check_real("mean", mean, strict=True)
+        cv = _check_real("cv", cv, strict=True)
+        sigma2 = math.log1p(cv**2)
+        return LogNormal(math.log(mean) - 0.5 * sigma2, math.sqrt(sigma2))
+    if mu is None or sigma is None:
+        raise ValueError("Give either `mu` and `sigma`, or both `mean=` and `cv=`.")
+    return LogNormal(_check_finite("mu", mu), _check_real("sigma", sigma, strict=True))
+
+
+def pareto(scale: float, alpha: float) -> Pareto:
+    """Pareto compute times: minimum ``scale`` (> 0), tail index ``alpha`` (> 0)."""
+    return Pareto(
+        _check_real("scale", scale, strict=True), _check_real("alpha", alpha, strict=True)
+    )
+
+
+def _as_law(name: str, value: Any, *, allow_zero: bool = False) -> ComputeTime | None:
+    if isinstance(value, ComputeTime):
+        return value
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        value = _check_real(name, value, strict=not allow_zero)
+        return None if value == 0 else Deterministic(value)
+    raise TypeError(
+        f"`{name}` must be a compute-time law (e.g. asgd_jax.workers.exponential(1.0)) or a "
+        f"positive number, got {value!r}."
+    )
+
+
+def expected_order_statistic(
+    law: ComputeTime,
+    k: int,
+    n: int,
+    *,
+    multipliers: Sequence[float] | None = None,
+    shift: float = 0.0,
+) -> float:
+    """E[T_(k:n)], the k-th smallest of n independent times T_i = m_i·X_i + ``shift``.
+
+    X_i ~ ``law`` i.i.d.; ``multipliers`` m_i (default all 1) model heterogeneous speeds.
+    This is the expected round time of K-sync SGD (k = K) and of fully synchronous SGD
+    (k = n). Equal multipliers use E[X_(k:n)] = ∫₀¹ ppf(u)·Beta(u; k, n−k+1) du; otherwise
+    ∫₀^∞ P(T_(k) > t) dt with P(T_(k) > t) = P(fewer than k of the T_i are ≤ t), a
+    convolution of binomials over the groups of equal m_i.
+
+    Returns:
+      The expectation (``math.inf`` when it diverges, e.g. Pareto with (n−k+1)·alpha ≤ 1).
+    """
+    n = _check_int("n", n, low=1)
+    k = _check_int("k", k, low=1, high=n)
+    m = np.ones(n) if multipliers is None else np.asarray(multipliers, np.float64)
+    if m.shape != (n,) or not np.all(np.isfinite(m)) or np.any(m <= 0):
+        raise ValueError(f"`multipliers` must be {n} finite positive numbers.")
+    if (n - k + 1) * law.tail_index <= 1:
+        return math.inf
+    if isinstance(law, Deterministic):
+        return float(np.sort(m * law.time)[k - 1]) + shift
+    groups, counts = np.unique(m, return_counts=True)
+    if groups.size == 1:
+        beta = scipy.stats.beta(k, n - k + 1)
+        f = lambda u: float(law.ppf(u)) * beta.pdf(u)
+        inner = scipy.integrate.quad(f, 0.0, 1.0, limit=400, points=[beta.mean()])[0]
+        return float(groups[0]) * inner + shift
+
+    def survival(t: float) -> float:
+        dist = np.zeros(k)
+        dist[0] = 1.0
+        for g, c in zip(groups, counts, strict=True):
+            p = float(law.cdf(t / g))
+            pmf = scipy.stats.binom.pmf(np.arange(min(int(c), k - 1) + 1), int(c), p)
+            dist = np.convolve(dist, pmf)[:k]
+        return float(dist.sum())
+
+    knots = sorted({float(g * law.ppf(q)) for g in groups for q in (0.01, 0.5, 0.99)})
+    head = scipy.integrate.quad(survival, 0.0, knots[-1], limit=400, points=knots[:-1])[0]
+    tail = scipy.integrate.quad(survival, knots[-1], math.inf, limit=400)[0]
+    return head + tail + shift

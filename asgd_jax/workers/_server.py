@@ -1,0 +1,282 @@
+"""``parameter_server``: n simulated workers as a delay model, with derived bounds and rates."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from asgd_jax import delays
+from asgd_jax.delays import _check_int, _check_real
+from asgd_jax.workers._events import build
+from asgd_jax.workers._laws import (
+    ComputeTime,
+    Deterministic,
+    Exponential,
+    _as_law,
+    expected_order_statistic,
+)
+from asgd_jax.workers._state import WorkerState
+
+_PROTOCOLS = ("async", "ssp", "k_async", "k_sync")
+_GROUP_RULES = ("mean", "max", "min")
+
+
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class WorkerModel(delays.DelayModel):
+    """A :class:`~asgd_jax.delays.DelayModel` driven by a simulated parameter server.
+
+    Beyond ``init`` / ``next`` / ``max_delay`` / ``pmf`` it carries the configuration and the
+    closed-form rates the theory needs. ``arrival(state) -> state`` advances the simulation by
+    one gradient arrival (one round for ``k_sync``); ``next`` repeats it until an update is
+    applied.
+
+    Attributes:
+      num_workers: n.
+      protocol: ``"async"``, ``"ssp"``, ``"k_async"`` or ``"k_sync"``.
+      compute_time: the compute-time law X (worker i computes for m_i·X).
+      comm_time: the communication law C added to every cycle (``None``: no communication).
+      multipliers: the m_i (``1/speed_i``, times ``slow_factor`` for the slow workers).
+      max_staleness: the threshold S (drop for async/k_async, block for ssp) or ``None``.
+      k: K for k_async / k_sync (1 otherwise).
+      group_staleness: how a K-async group's staleness becomes one τ (``"mean"``,
+        ``"max"``, ``"min"``).
+      arrival_rate: gradients pushed per unit time, Σ_i 1/E[m_i·X + C] (always-busy
+        workers: async and k_async), else ``None``.
+      update_rate: updates per unit time: the arrival rate (÷ K for k_async) without drops,
+        1/E[T_(K:n)] for k_sync (deterministic communication only), else ``None``.
+      mean_staleness: steady-state mean staleness per applied gradient, (n − 1)/K without
+        drops or blocking (any law; every update is seen by the n − 1 workers in flight),
+        0 for k_sync, else ``None``.
+    """
+
+    num_workers: int = 1
+    protocol: str = "async"
+    compute_time: ComputeTime | None = None
+    comm_time: ComputeTime | None = None
+    multipliers: tuple[float, ...] = ()
+    max_staleness: int | None = None
+    k: int = 1
+    group_staleness: str = "mean"
+    arrival_rate: float | None = None
+    update_rate: float | None = None
+    mean_staleness: float | None = None
+    arrival: Callable[[WorkerState], WorkerState] | None = None
+
+    def __repr__(self) -> str:
+        return f"WorkerModel({self.name}, max_delay={self.max_delay})"
+
+
+def _deterministic_bound(cycles: np.ndarray, k: int) -> int:
+    """Largest possible staleness when every worker's cycle time is a constant c_i.
+
+    Worker j's arrivals are at least c_j apart, so it arrives at most ⌊c_i/c_j⌋ + 1 times in
+    the closed window [pull, pull + c_i] of worker i. Both ends of the window can count only
+    if j arrives exactly at both, and then tie-breaking by id counts at most one of them
+    (j after i at the pull, j before i at the push): at most ⌈c_i/c_j⌉ arrivals, once for
+    equal cycles. That refinement needs exact ties, so it is used only when every c_i is a
+    multiple of 2⁻¹⁰ below 2¹² (float32 then adds and subtracts them exactly) or all c_i are
+    equal (every worker then performs the same float operations). An update needs K accepted
+    arrivals and at most K − 1 were buffered at the pull: the staleness is at most
+    ⌊(arrivals + K − 1)/K⌋.
+    """
+    n = cycles.size
+    if np.all(cycles == cycles[0]):
+        arrivals = np.full(n, n - 1)
+    else:
+        ratio = cycles[:, None] / cycles[None, :]
+        scaled = cycles * 1024.0
+        exact = bool(np.all(scaled == np.round(scaled)) and np.all(cycles < 4096.0))
+        count = np.ceil(ratio) if exact else np.floor(ratio) + 1
+        arrivals = count.sum(axis=1) - np.diag(count)
+    return int(np.max((arrivals + k - 1) // k))
+
+
+def parameter_server(
+    num_workers: int,
+    compute_time: ComputeTime | float,
+    *,
+    speeds: Sequence[float] | None = None,
+    num_slow: int = 0,
+    slow_factor: float = 4.0,
+    comm_time: ComputeTime | float | None = None,
+    protocol: str = "async",
+    max_staleness: int | None = None,
+    k: int | None = None,
+    max_delay: int | None = None,
+    group_staleness: str = "mean",
+) -> WorkerModel:
+    """n simulated workers behind a parameter server, as a delay model for ``stale``.
+
+    Worker i's c-th cycle lasts m_i·X_{i,c} + C_{i,c}: compute time X from ``compute_time``
+    scaled by m_i = (1/speeds[i])·(slow_factor if i is one of the last ``num_slow`` workers),
+    plus a communication time C from ``comm_time`` (push and pull together; the worker
+    receives the version current right after its push is handled). All workers pull version
+    0 at time 0. See the module docstring for the protocols.
+
+    ``max_delay`` (the history size ``stale`` needs) is derived when it can be proved:
+    0 for k_sync; S for a staleness threshold; (n − 1)(2S + 1) for SSP (a worker starts
+    only S clocks ahead of the slowest, so every other worker pushes at most 2S + 1 times
+    while it computes); for deterministic cycle times the exact bound of
+    ``_deterministic_bound`` (n − 1 for equal workers). Random compute times without a
+    threshold have unbounded staleness, so ``max_delay`` must then be given (a P(τ > m) of
+    about e^{−m/n} for exponential times suggests m ≈ 15n). A staleness beyond ``max_delay``
+    is clipped to it and counted in ``state.clipped``.
+
+    K-async hands one τ per update to the optimizer: ``group_staleness="mean"`` (default)
+    uses the group's mean staleness rounded half up — to first order in the delay the mean of
+    K gradients taken at W_{t−τ_1..K} is one gradient at W_{t−mean τ} — while ``"max"`` uses
+    its oldest gradient and ``"min"`` its freshest. :func:`simulate_events` exposes every
+    member's own staleness.
+
+    Args:
+      num_workers: n ≥ 1.
+      compute_time: a law from this module, or a positive number (deterministic).
+      speeds: optional n positive speed factors (worker i computes ``speeds[i]`` times
+        faster than the law).
+      num_slow: the last ``num_slow`` workers are stragglers, in [0, n].
+      slow_factor: how much slower the stragglers are (≥ 1).
+      comm_time: ``None``, a number ≥ 0 (constant), or a law added to every cycle.
+      protocol: ``"async"``, ``"ssp"``, ``"k_async"`` or ``"k_sync"``.
+      max_staleness: S ≥ 0; async/k_async drop gradients staler than S, ssp blocks workers
+        more than S clocks ahead (required); not allowed for k_sync.
+      k: K for k_async (required, ≥ 1) and k_sync (in [1, n], default n).
+      max_delay: history bound; derived when possible (see above), else required.
+      group_staleness: ``"mean"``, ``"max"`` or ``"min"`` (k_async only).
+
+    Returns:
+      A :class:`WorkerModel`.
+
+    References:
+      Dutta et al. 2018 (arXiv 1803.01113); Ho et al. 2013 (SSP); Yu, Chen & Poor 2025
+      (arXiv 2406.11159).
+    """
+    n = _check_int("num_workers", num_workers, low=1)
+    law = _as_law("compute_time", compute_time)
+    comm = None if comm_time is None else _as_law("comm_time", comm_time, allow_zero=True)
+    if protocol not in _PROTOCOLS:
+        raise ValueError(f"`protocol` must be one of {_PROTOCOLS}, got {protocol!r}.")
+    if group_staleness not in _GROUP_RULES:
+        raise ValueError(
+            f"`group_staleness` must be one of {_GROUP_RULES}, got {group_staleness!r}."
+        )
+    num_slow = _check_int("num_slow", num_slow, low=0, high=n)
+    slow_factor = _check_real("slow_factor", slow_factor, low=1.0)
+    if speeds is None:
+        speed = np.ones(n)
+    else:
+        speed = np.asarray(speeds, np.float64)
+        if speed.shape != (n,) or not np.all(np.isfinite(speed)) or np.any(speed <= 0):
+            raise ValueError(f"`speeds` must be {n} finite positive numbers, got {speeds!r}.")
+    mult = 1.0 / speed
+    mult[n - num_slow :] *= slow_factor
+
+    if protocol == "k_async":
+        if k is None:
+            raise ValueError("`k` is required for protocol='k_async' (gradients per update).")
+        k = _check_int("k", k, low=1)
+    elif protocol == "k_sync":
+        k = n if k is None else _check_int("k", k, low=1, high=n)
+    elif k is not None:
+        raise ValueError(f"`k` is only used by 'k_async' and 'k_sync', not {protocol!r}.")
+    else:
+        k = 1
+    if protocol == "k_sync" and max_staleness is not None:
+        raise ValueError("`max_staleness` does not apply to 'k_sync' (its staleness is 0).")
+    if protocol == "ssp" and max_staleness is None:
+        raise ValueError("`max_staleness` (S ≥ 0, the allowed clock gap) is required for 'ssp'.")
+    if max_staleness is not None:
+        max_staleness = _check_int("max_staleness", max_staleness)
+    drops = max_staleness is not None and protocol in ("async", "k_async")
+
+    # ---- max_delay: given, or derived where a bound is provable.
+    comm_mean = 0.0 if comm is None else comm.mean
+    constant_cycles = isinstance(law, Deterministic) and (
+        comm is None or isinstance(comm, Deterministic)
+    )
+    cycles = mult * law.mean + comm_mean
+    bounds = []
+    if protocol == "k_sync":
+        bounds.append(0)
+    if max_staleness is not None:
+        bounds.append(max_staleness if drops else (n - 1) * (2 * max_staleness + 1))
+    if constant_cycles and protocol != "k_sync":
+        bounds.append(_deterministic_bound(cycles, k))
+    if max_delay is None:
+        if not bounds:
+            raise ValueError(
+                f"`max_delay` is required: with {law.name} compute times the staleness of "
+                f"protocol {protocol!r} is unbounded. Give `max_staleness` (drop stale "
+                f"gradients) or a `max_delay` (e.g. {15 * n} for n={n}; larger delays are "
+                "clipped and counted in state.clipped)."
+            )
+        max_delay = min(bounds)
+    max_delay = _check_int("max_delay", max_delay)
+
+    # ---- rates and laws the theory reads.
+    arrival_rate = float(np.sum(1.0 / cycles)) if protocol in ("async", "k_async") else None
+    mean_staleness = None
+    update_rate = None
+    if protocol in ("async", "k_async") and not drops:
+        update_rate = arrival_rate / k
+        mean_staleness = (n - 1) / k
+    elif protocol == "k_sync":
+        mean_staleness = 0.0
+        if comm is None or isinstance(comm, Deterministic):
+            round_time = expected_order_statistic(law, k, n, multipliers=mult, shift=comm_mean)
+            update_rate = 0.0 if math.isinf(round_time) else 1.0 / round_time
+    pmf = None
+    equal = bool(np.all(mult == mult[0]))
+    if protocol == "k_sync":
+        pmf = np.zeros(max_delay + 1)
+        pmf[0] = 1.0
+    elif protocol == "async" and not drops and equal:
+        if constant_cycles and max_delay >= n - 1:
+            pmf = np.zeros(max_delay + 1)
+            pmf[n - 1] = 1.0
+        elif isinstance(law, Exponential) and comm is None:
+            # Memoryless and symmetric: after a worker pulls, each arrival is its own with
+            # probability 1/n, so τ ~ Geometric(1/n) on {0, 1, …}; the tail is clipped.
+            p = 1.0 / n
+            pmf = p * (1.0 - p) ** np.arange(max_delay + 1)
+            pmf[-1] = (1.0 - p) ** max_delay
+
+    name = f"parameter_server(n={n}, {law.name}, {protocol}"
+    if max_staleness is not None:
+        name += f", S={max_staleness}"
+    if protocol in ("k_async", "k_sync"):
+        name += f", K={k}"
+    name += ")"
+
+    init, arrival, next_ = build(
+        n=n,
+        law=law,
+        comm=comm,
+        mult=mult,
+        protocol=protocol,
+        threshold=max_staleness,
+        k=k,
+        max_delay=max_delay,
+        group_staleness=group_staleness,
+    )
+    return WorkerModel(
+        init=init,
+        next=next_,
+        max_delay=max_delay,
+        name=name,
+        pmf=pmf,
+        num_workers=n,
+        protocol=protocol,
+        compute_time=law,
+        comm_time=comm,
+        multipliers=tuple(float(x) for x in mult),
+        max_staleness=max_staleness,
+        k=k,
+        group_staleness=group_staleness,
+        arrival_rate=arrival_rate,
+        update_rate=update_rate,
+        mean_staleness=mean_staleness,
+        arrival=arrival,
+    )

@@ -1,0 +1,156 @@
+"""Whole runs of a simulated parameter server: one ``lax.scan`` per call."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from asgd_jax import delays
+from asgd_jax.delays import _check_int
+from asgd_jax.workers._events import cycle_time_fn
+from asgd_jax.workers._server import WorkerModel
+from asgd_jax.workers._state import WorkerState, WorkerTrace
+
+
+def _snapshot(state: WorkerState, staleness: jax.Array) -> WorkerTrace:
+    """A record with cumulative ``dropped`` / ``clipped`` counts (made per-record later).
+
+    Reading only the new state (not the previous one) lets XLA update the per-worker
+    arrays in place inside the scan.
+    """
+    return WorkerTrace(
+        staleness=staleness,
+        time=state.time,
+        worker=state.worker,
+        accepted=state.accepted,
+        applied=state.applied,
+        dropped=state.dropped,
+        clipped=state.clipped,
+        version=state.version,
+    )
+
+
+def _per_record(trace: WorkerTrace) -> WorkerTrace:
+    """Turns the cumulative counters of :func:`_snapshot` records into per-record ones."""
+    dropped = jnp.diff(trace.dropped, prepend=jnp.zeros_like(trace.dropped[:1]))
+    clipped = jnp.diff(trace.clipped, prepend=jnp.zeros_like(trace.clipped[:1])) > 0
+    return trace._replace(dropped=dropped, clipped=clipped)
+
+
+def _check_model(model: Any) -> WorkerModel:
+    if not isinstance(model, WorkerModel):
+        raise TypeError(
+            f"`model` must be a WorkerModel from asgd_jax.workers.parameter_server, got {model!r}."
+        )
+    return model
+
+
+_BLOCK = 64
+_FLAT = 32_768  # shorter runs use one flat scan: it compiles in half the time
+
+
+def _scan_records(
+    step: Callable[[WorkerState], tuple[WorkerState, WorkerTrace]], state: WorkerState, num: int
+) -> WorkerTrace:
+    """``num`` records of ``step`` from ``state``; long runs as a scan of scans of 64 steps.
+
+    Writing each record straight into a ``num``-long output makes XLA's CPU runtime run the
+    loop body through its concurrent executor (buffers over 512 bytes), several times slower
+    per step; 64-long blocks keep the inner loop small. The few extra steps of the last block
+    are computed and discarded (the first ``num`` records do not depend on them).
+    """
+    if num <= _FLAT:
+        return jax.lax.scan(lambda s, _: step(s), state, None, length=num)[1]
+
+    def block(state, _):
+        return jax.lax.scan(lambda s, _: step(s), state, None, length=_BLOCK)
+
+    blocks = -(-num // _BLOCK)
+    records = jax.lax.scan(block, state, None, length=blocks)[1]
+    return jax.tree.map(lambda x: x.reshape((blocks * _BLOCK,) + x.shape[2:])[:num], records)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _simulate(model: WorkerModel, key: chex.PRNGKey, num: int) -> WorkerTrace:
+    def step(state):
+        tau, state = model.next(state)
+        return state, _snapshot(state, tau)
+
+    return _per_record(_scan_records(step, model.init(key), num))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _simulate_events(model: WorkerModel, key: chex.PRNGKey, num: int) -> WorkerTrace:
+    def step(state):
+        state = model.arrival(state)
+        return state, _snapshot(state, state.staleness)
+
+    return _per_record(_scan_records(step, model.init(key), num))
+
+
+def cycle_times(model: WorkerModel, key: chex.PRNGKey, num_cycles: int) -> jax.Array:
+    """The cycle times the simulation draws: ``out[c, i]`` is worker i's c-th cycle.
+
+    Cycle c of worker i (compute m_i·X plus communication C) is a pure function of
+    ``(key, i, c)``, the same under every protocol; a k_sync round r uses row r. Useful to
+    replay a run in a reference implementation, or to compare protocols on equal draws.
+
+    Returns:
+      A float32 array of shape ``(num_cycles, num_workers)``.
+    """
+    model = _check_model(model)
+    return _cycle_times(model, key, _check_int("num_cycles", num_cycles, low=1))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _cycle_times(model: WorkerModel, key: chex.PRNGKey, num_cycles: int) -> jax.Array:
+    n = model.num_workers
+    fn = cycle_time_fn(n, model.compute_time, model.comm_time, np.asarray(model.multipliers))
+    index = jnp.arange(num_cycles, dtype=jnp.int32)[:, None]
+    worker = jnp.arange(n, dtype=jnp.int32)[None, :]
+    return fn(delays.key_words(key), worker, index)
+
+
+def simulate(model: WorkerModel, key: chex.PRNGKey, num_updates: int) -> WorkerTrace:
+    """The first ``num_updates`` updates of a simulated parameter server (one ``lax.scan``).
+
+    A pure function of ``key`` (jit/vmap friendly): ``jax.vmap(lambda k: simulate(model,
+    k, 1000))(keys)`` runs independent clusters. ``trace.staleness`` is exactly the τ
+    sequence :func:`asgd_jax.stale` sees with this model and key, so the trace can also be
+    replayed with ``asgd_jax.delays.trace(trace)``.
+
+    Args:
+      model: a :class:`WorkerModel` from :func:`parameter_server`.
+      key: a PRNG key (typed or raw).
+      num_updates: number of applied updates to simulate (≥ 1).
+
+    Returns:
+      A :class:`WorkerTrace` of arrays with leading axis ``num_updates``.
+    """
+    model = _check_model(model)
+    return _simulate(model, key, _check_int("num_updates", num_updates, low=1))
+
+
+def simulate_events(model: WorkerModel, key: chex.PRNGKey, num_events: int) -> WorkerTrace:
+    """The first ``num_events`` gradient arrivals, accepted or dropped (one ``lax.scan``).
+
+    Each record is one arrival with its own raw staleness, so K-async groups show every
+    member (``applied`` marks the arrival that completed a group) and drops show with
+    ``accepted == False``. For ``k_sync`` an event is a whole round.
+
+    Args:
+      model: a :class:`WorkerModel` from :func:`parameter_server`.
+      key: a PRNG key (typed or raw).
+      num_events: number of arrivals to simulate (≥ 1).
+
+    Returns:
+      A :class:`WorkerTrace` of arrays with leading axis ``num_events``.
+    """
+    model = _check_model(model)
+    return _simulate_events(model, key, _check_int("num_events", num_events, low=1))

@@ -1,0 +1,448 @@
+"""Parameter-server simulation: exact sequences, queueing identities, laws, protocols."""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import scipy.stats
+
+import asgd_jax as asgd
+from asgd_jax import workers
+
+KEY = jax.random.key(0)
+NUM = 20_000  # updates per statistical run: one scan each, about a second on 2 cores.
+
+
+def _np(trace):
+    return jax.tree.map(np.asarray, trace)
+
+
+def _run_states(model, key, num_events):
+    """Every state after each arrival (clocks included), via one scan over ``arrival``."""
+
+    def body(state, _):
+        state = model.arrival(state)
+        return state, state
+
+    return _np(
+        jax.jit(lambda k: jax.lax.scan(body, model.init(k), None, length=num_events)[1])(key)
+    )
+
+
+def _reference(table, *, protocol="async", threshold=None, k=1, num_events):
+    """A plain-Python event loop with the documented semantics (absolute float64 times)."""
+    table = np.asarray(table, np.float64)
+    n = table.shape[1]
+    finish = [table[0, i] for i in range(n)]
+    pulled, clock, group = [0] * n, [0] * n, []
+    version, out = 0, []
+    drops = threshold is not None and protocol != "ssp"
+    for _ in range(num_events):
+        j = min(range(n), key=lambda i: (finish[i], i))
+        now = finish[j]
+        tau = version - pulled[j]
+        accepted = not (drops and tau > threshold)
+        clock[j] += 1
+        if accepted:
+            group.append(tau)
+        applied = accepted and len(group) == k
+        if applied:
+            version, group = version + 1, []
+        if protocol == "ssp":
+            low = min(clock)
+            finish[j] = math.inf
+            for i in range(n):
+                if finish[i] == math.inf and clock[i] <= low + threshold:
+                    finish[i], pulled[i] = now + table[clock[i], i], version
+        else:
+            finish[j], pulled[j] = now + table[clock[j], j], version
+        out.append((tau, j, accepted, applied, now))
+    return [np.array(c) for c in zip(*out, strict=True)]
+
+
+# --------------------------------------------------------------------------------------------
+# Compute-time laws.
+
+LAWS = [
+    workers.deterministic(1.5),
+    workers.exponential(2.0),
+    workers.shifted_exponential(0.5, 1.5),
+    workers.lognormal(mean=2.0, cv=0.8),
+    workers.pareto(1.0, 3.0),
+]
+
+
+@pytest.mark.parametrize("law", LAWS, ids=lambda law: law.name)
+def test_law_sampling_quantiles_and_moments(law):
+    u = np.linspace(0.01, 0.99, 99)
+    np.testing.assert_allclose(
+        np.asarray(law.sample(jnp.asarray(u, jnp.float32))), law.ppf(u), 1e-5
+    )
+    if not isinstance(law, workers.Deterministic):
+        np.testing.assert_allclose(law.cdf(law.ppf(u)), u, atol=1e-9)
+    draws = np.asarray(law.draw(jax.random.key(1), (200_000,)), np.float64)
+    assert abs(draws.mean() - law.mean) < 0.02 * law.mean
+    assert draws.min() >= law.ppf(0.0) - 1e-6
+
+
+@pytest.mark.parametrize("law", LAWS[:3], ids=lambda law: law.name)
+def test_closed_form_laplace_matches_quadrature(law):
+    s = np.array([0.0, 0.3, 2.0, 0.5 + 1.5j])
+    numeric = workers.ComputeTime.laplace(law, s) if law.var > 0 else np.exp(-s * law.time)
+    np.testing.assert_allclose(law.laplace(s), numeric, rtol=1e-6, atol=1e-9)
+    assert law.laplace(0.0) == 1.0
+
+
+def test_numerical_laplace_of_heavy_laws():
+    # E[e^{-sT}] ≥ e^{-s E[T]} (Jensen) and matches a Monte Carlo average.
+    for law in LAWS[3:]:
+        draws = np.asarray(law.draw(jax.random.key(2), (400_000,)), np.float64)
+        for s in (0.2, 1.0):
+            value = float(law.laplace(s))
+            assert value >= math.exp(-s * law.mean)
+            assert abs(value - np.exp(-s * draws).mean()) < 3e-3
+    with pytest.raises(ValueError, match="Re"):
+        LAWS[4].laplace(-1.0)
+
+
+def test_expected_order_statistic_exact_cases():
+    # Exponential: E[X_(k:n)] = mean·(H_n − H_{n−k}).
+    law = workers.exponential(2.0)
+    harmonic = lambda m: sum(1.0 / i for i in range(1, m + 1))
+    for k in (1, 5, 8):
+        expected = 2.0 * (harmonic(8) - harmonic(8 - k))
+        assert workers.expected_order_statistic(law, k, 8) == pytest.approx(expected, rel=1e-7)
+    # Shift and heterogeneous deterministic times are exact.
+    det = workers.deterministic(1.0)
+    assert workers.expected_order_statistic(det, 2, 3, multipliers=[3, 1, 2], shift=0.5) == 2.5
+    # Two exponential groups: the minimum is exponential with the summed rate.
+    m = [1.0, 1.0, 4.0]
+    assert workers.expected_order_statistic(law, 1, 3, multipliers=m) == pytest.approx(
+        1.0 / (2 / 2.0 + 1 / 8.0), rel=1e-6
+    )
+    assert workers.expected_order_statistic(workers.pareto(1.0, 0.5), 3, 3) == math.inf
+
+
+def test_law_validation():
+    with pytest.raises(ValueError, match="mean"):
+        workers.exponential(0.0)
+    with pytest.raises(TypeError, match="time"):
+        workers.deterministic("1")
+    with pytest.raises(ValueError, match="alpha"):
+        workers.pareto(1.0, -2.0)
+    with pytest.raises(ValueError, match="cv"):
+        workers.lognormal(0.0, 1.0, cv=0.5)
+    assert workers.lognormal(mean=3.0, cv=0.5).mean == pytest.approx(3.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Exact sequences and tie-breaking.
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_equal_deterministic_workers_exact_sequence(use_jit):
+    n = 4
+    model = workers.parameter_server(n, 2.0, comm_time=0.5)
+    assert model.max_delay == n - 1 and model.update_rate == n / 2.5
+    next_ = jax.jit(model.next) if use_jit else model.next
+    state = model.init(KEY)
+    taus, workers_seen = [], []
+    for _ in range(3 * n):
+        tau, state = next_(state)
+        taus.append(int(tau))
+        workers_seen.append(int(state.worker))
+    assert taus == [0, 1, 2, 3] + [3] * (2 * n)
+    assert workers_seen == list(range(n)) * 3
+    assert float(state.time) == 3 * 2.5 and int(state.version) == 3 * n
+    trace = _np(workers.simulate(model, KEY, 3 * n))
+    np.testing.assert_array_equal(trace.staleness, taus)
+    np.testing.assert_array_equal(trace.time, np.repeat([2.5, 5.0, 7.5], n))
+    longer = _np(workers.simulate(workers.parameter_server(7, 0.3), KEY, 70)).staleness
+    np.testing.assert_array_equal(longer, list(range(7)) + [6] * 63)
+
+
+def test_synchronous_rounds_deterministic():
+    model = workers.parameter_server(4, 1.0, speeds=[1, 1, 1, 0.5], protocol="k_sync")
+    assert model.max_delay == 0 and model.update_rate == 0.5
+    trace = _np(workers.simulate(model, KEY, 6))
+    np.testing.assert_array_equal(trace.staleness, 0)
+    np.testing.assert_array_equal(trace.time, 2.0 * np.arange(1, 7))
+    np.testing.assert_array_equal(trace.worker, 3)
+    # K = 3 of 4: the straggler is cancelled every round.
+    model = workers.parameter_server(4, 1.0, speeds=[1, 1, 1, 0.5], protocol="k_sync", k=3)
+    trace = _np(workers.simulate(model, KEY, 6))
+    np.testing.assert_array_equal(trace.time, np.arange(1, 7))
+    np.testing.assert_array_equal(trace.dropped, 1)
+
+
+def test_matches_reference_event_loop():
+    # Heterogeneous integer cycle times (exact in float32) and random times, four protocols.
+    cases = [
+        (dict(speeds=[1, 1, 0.5, 0.25], compute_time=1.0), {}),
+        (dict(speeds=[1, 1, 0.5, 0.25], compute_time=1.0, max_staleness=2), {"threshold": 2}),
+        (
+            dict(speeds=[1, 1, 0.5, 0.25], compute_time=1.0, protocol="ssp", max_staleness=1),
+            {"protocol": "ssp", "threshold": 1},
+        ),
+        (
+            dict(compute_time=workers.exponential(1.0), protocol="ssp", max_staleness=2),
+            {"protocol": "ssp", "threshold": 2},
+        ),
+        (
+            dict(compute_time=workers.lognormal(0.0, 1.0), num_slow=1, max_staleness=3),
+            {"threshold": 3},
+        ),
+        (
+            dict(compute_time=workers.exponential(1.0), protocol="k_async", k=3, max_delay=60),
+            {"k": 3},
+        ),
+    ]
+    num = 400
+    for kwargs, ref_kwargs in cases:
+        model = workers.parameter_server(4, max_delay=kwargs.pop("max_delay", None), **kwargs)
+        table = workers.cycle_times(model, KEY, num + 1)
+        tau, worker, accepted, applied, time = _reference(table, num_events=num, **ref_kwargs)
+        trace = _np(workers.simulate_events(model, KEY, num))
+        np.testing.assert_array_equal(trace.staleness, tau, err_msg=model.name)
+        np.testing.assert_array_equal(trace.worker, worker, err_msg=model.name)
+        np.testing.assert_array_equal(trace.accepted, accepted, err_msg=model.name)
+        np.testing.assert_array_equal(trace.applied, applied, err_msg=model.name)
+        np.testing.assert_allclose(trace.time, time, rtol=1e-5, err_msg=model.name)
+
+
+# --------------------------------------------------------------------------------------------
+# Queueing facts.
+
+STEADY_LAWS = [
+    workers.exponential(1.0),
+    workers.shifted_exponential(0.5, 0.5),
+    workers.lognormal(mean=1.0, cv=1.5),
+    workers.pareto(1.0, 2.5),
+]
+
+
+@pytest.mark.parametrize("law", STEADY_LAWS, ids=lambda law: law.name)
+def test_mean_staleness_and_update_rate(law):
+    n = 8
+    model = workers.parameter_server(n, law, max_delay=40 * n)
+    states = jax.jit(
+        lambda k: jax.lax.scan(lambda s, _: model.next(s)[::-1], model.init(k), None, length=NUM)
+    )
+    final, taus = states(KEY)
+    taus = np.asarray(taus)
+    # Exact (Little's law): each update is seen by the n − 1 workers then in flight, so
+    # Σ τ over arrived gradients + Σ_i (version − pulled_i) = (n − 1)·version.
+    in_flight = int(jnp.sum(final.version - final.pulled))
+    assert int(final.clipped) == 0
+    assert int(taus.sum()) + in_flight == (n - 1) * NUM
+    # Hence the mean staleness is n − 1 up to the O(n²/NUM) in-flight term.
+    assert abs(taus.mean() - (n - 1)) < 0.05
+    # Update rate n / E[T]: the superposition of n renewal processes.
+    rate = NUM / float(final.time)
+    assert model.update_rate == pytest.approx(n / law.mean)
+    assert rate == pytest.approx(model.update_rate, rel=0.03)
+
+
+def test_exponential_staleness_is_geometric():
+    n = 8
+    model = workers.parameter_server(n, workers.exponential(1.0), max_delay=200)
+    taus = np.asarray(workers.simulate(model, KEY, NUM).staleness)[20 * n :]
+    top = 40
+    observed = np.bincount(np.minimum(taus, top), minlength=top + 1)
+    p = 1.0 / n
+    pmf = p * (1 - p) ** np.arange(top + 1)
+    pmf[-1] = (1 - p) ** top
+    fit = scipy.stats.chisquare(observed, pmf * observed.sum())
+    assert fit.pvalue > 1e-3
+    np.testing.assert_allclose(model.pmf[:top], pmf[:top], rtol=1e-12)
+    # The test has power: log-normal times with the same mean staleness are rejected.
+    other = workers.parameter_server(n, workers.lognormal(mean=1.0, cv=1.0), max_delay=200)
+    taus = np.asarray(workers.simulate(other, KEY, NUM).staleness)[20 * n :]
+    observed = np.bincount(np.minimum(taus, top), minlength=top + 1)
+    assert abs(taus.mean() - (n - 1)) < 0.1
+    assert scipy.stats.chisquare(observed, pmf * observed.sum()).pvalue < 1e-6
+
+
+def test_sync_slower_than_async_by_order_statistics():
+    n, law = 8, workers.shifted_exponential(1.0, 1.0)
+    kwargs = dict(num_slow=2, slow_factor=3.0)
+    asyn = workers.parameter_server(n, law, max_delay=40 * n, **kwargs)
+    sync = workers.parameter_server(n, law, protocol="k_sync", **kwargs)
+    k_sync = workers.parameter_server(n, law, protocol="k_sync", k=6, **kwargs)
+    mult = [1.0] * 6 + [3.0] * 2
+    rounds = 5_000
+    # Gradients per unit time: async Σ 1/E[T_i]; sync n / E[max_i T_i]; K-sync K / E[T_(K)].
+    async_rate = NUM / float(workers.simulate(asyn, KEY, NUM).time[-1])
+    sync_rate = n * rounds / float(workers.simulate(sync, KEY, rounds).time[-1])
+    k_rate = 6 * rounds / float(workers.simulate(k_sync, KEY, rounds).time[-1])
+    assert async_rate == pytest.approx(6 / 2.0 + 2 / 6.0, rel=0.03)
+    e_max = workers.expected_order_statistic(law, n, n, multipliers=mult)
+    e_six = workers.expected_order_statistic(law, 6, n, multipliers=mult)
+    assert sync_rate == pytest.approx(n / e_max, rel=0.03)
+    assert k_rate == pytest.approx(6 / e_six, rel=0.03)
+    assert sync.update_rate == pytest.approx(1 / e_max) and k_sync.update_rate == 1 / e_six
+    # The slowdown of synchronous rounds is the order-statistic ratio, well above 1.
+    predicted = (6 / 2.0 + 2 / 6.0) * e_max / n
+    assert predicted > 1.5
+    assert async_rate / sync_rate == pytest.approx(predicted, rel=0.05)
+
+
+# --------------------------------------------------------------------------------------------
+# Bounded staleness: drop, SSP, K-async.
+
+
+def test_drop_threshold_respected_exactly():
+    s, n = 3, 8
+    model = workers.parameter_server(n, workers.exponential(1.0), num_slow=2, max_staleness=s)
+    assert model.max_delay == s and model.update_rate is None
+    events = _np(workers.simulate_events(model, KEY, 5_000))
+    np.testing.assert_array_equal(events.accepted, events.staleness <= s)
+    assert (~events.accepted).sum() > 100  # the threshold does bind
+    np.testing.assert_array_equal(events.applied, events.accepted)
+    updates = _np(workers.simulate(model, KEY, 3_000))
+    assert updates.staleness.max() == s and not updates.clipped.any()
+    # The first 3,000 accepted arrivals, and the drops between them, are the updates.
+    accepted = events.staleness[events.accepted][:3_000]
+    np.testing.assert_array_equal(updates.staleness, accepted)
+    position = np.flatnonzero(events.accepted)[:3_000]
+    np.testing.assert_array_equal(updates.dropped, np.diff(position, prepend=-1) - 1)
+    # Drops re-pull, so every arrival still obeys the queueing identity.
+    state = model.init(KEY)
+    run = jax.jit(lambda s: jax.lax.fori_loop(0, 5_000, lambda i, s: model.arrival(s), s))
+    state = run(state)
+    assert int(state.dropped) == (~events.accepted).sum()
+    in_flight = int(jnp.sum(state.version - state.pulled))
+    assert events.staleness.sum() + in_flight == (n - 1) * int(state.version)
+
+
+def test_ssp_blocks_fast_workers_exactly():
+    s, n = 1, 6
+    model = workers.parameter_server(
+        n, workers.exponential(1.0), protocol="ssp", max_staleness=s, num_slow=1, slow_factor=5
+    )
+    assert model.max_delay == (n - 1) * (2 * s + 1)
+    states = _run_states(model, KEY, 3_000)
+    gap = states.clock.max(axis=1) - states.clock.min(axis=1)
+    assert gap.max() == s + 1  # a worker may finish the clock it started, never more
+    blocked = np.isinf(states.finish)
+    assert blocked.any()
+    # A worker computes only while its clock is at most S ahead of the slowest.
+    computing = ~blocked
+    low = states.clock.min(axis=1, keepdims=True)
+    assert np.all(
+        states.clock[computing] <= np.broadcast_to(low + s, states.clock.shape)[computing]
+    )
+    # A blocked worker is exactly one that may not start.
+    np.testing.assert_array_equal(blocked, states.clock > low + s)
+    assert states.staleness.max() <= model.max_delay and states.clipped[-1] == 0
+    # S = 0 is bulk-synchronous: equal workers run in lock-step rounds.
+    bsp = workers.parameter_server(3, 1.0, protocol="ssp", max_staleness=0)
+    trace = _np(workers.simulate(bsp, KEY, 9))
+    np.testing.assert_array_equal(trace.staleness, [0, 1, 2] * 3)
+    np.testing.assert_array_equal(trace.time, np.repeat([1.0, 2.0, 3.0], 3))
+
+
+def test_k_async_groups():
+    n, k = 8, 4
+    law = workers.exponential(1.0)
+    model = workers.parameter_server(n, law, protocol="k_async", k=k, max_delay=60)
+    assert model.update_rate == pytest.approx(n / k) and model.mean_staleness == (n - 1) / k
+    events = _np(workers.simulate_events(model, KEY, k * 2_000))
+    np.testing.assert_array_equal(np.flatnonzero(events.applied), np.arange(k - 1, k * 2_000, k))
+    groups = events.staleness.reshape(-1, k)
+    updates = _np(workers.simulate(model, KEY, 2_000))
+    np.testing.assert_array_equal(updates.staleness, (groups.sum(1) + k // 2) // k)
+    np.testing.assert_array_equal(updates.time, events.time[k - 1 :: k])
+    # Every gradient is seen by the n − 1 workers in flight at each update: mean (n − 1)/K.
+    assert abs(groups.mean() - (n - 1) / k) < 0.05
+    oldest = workers.parameter_server(
+        n, law, protocol="k_async", k=k, max_delay=60, group_staleness="max"
+    )
+    np.testing.assert_array_equal(workers.simulate(oldest, KEY, 2_000).staleness, groups.max(1))
+    # Equal deterministic workers: derived bound ⌊(n − 1 + K − 1)/K⌋ is attained.
+    det = workers.parameter_server(n, 1.0, protocol="k_async", k=k, group_staleness="max")
+    assert det.max_delay == (n + k - 2) // k
+    assert int(workers.simulate(det, KEY, 40).staleness.max()) == det.max_delay
+
+
+def test_max_delay_derivation_and_clipping():
+    law = workers.exponential(1.0)
+    with pytest.raises(ValueError, match="max_delay"):
+        workers.parameter_server(8, law)
+    assert workers.parameter_server(8, law, max_staleness=5).max_delay == 5
+    assert workers.parameter_server(8, 1.0, speeds=[1] * 7 + [0.5]).max_delay == 14
+    small = workers.parameter_server(8, law, max_delay=3)
+    full = workers.parameter_server(8, law, max_delay=500)
+    clipped = _np(workers.simulate(small, KEY, 2_000))
+    raw = _np(workers.simulate(full, KEY, 2_000)).staleness
+    np.testing.assert_array_equal(clipped.staleness, np.minimum(raw, 3))
+    np.testing.assert_array_equal(clipped.clipped, raw > 3)
+    state = small.init(KEY)
+    state = jax.jit(lambda s: jax.lax.fori_loop(0, 2_000, lambda i, s: small.next(s)[1], s))(state)
+    assert int(state.clipped) == (raw > 3).sum() > 0
+
+
+def test_argument_validation():
+    law = workers.exponential(1.0)
+    with pytest.raises(ValueError, match="protocol"):
+        workers.parameter_server(4, law, protocol="hogwild", max_delay=9)
+    with pytest.raises(ValueError, match="max_staleness"):
+        workers.parameter_server(4, law, protocol="ssp")
+    with pytest.raises(ValueError, match="`k`"):
+        workers.parameter_server(4, law, protocol="k_async", max_delay=9)
+    with pytest.raises(ValueError, match="`k`"):
+        workers.parameter_server(4, law, protocol="k_sync", k=5)
+    with pytest.raises(ValueError, match="speeds"):
+        workers.parameter_server(4, law, speeds=[1, 2], max_delay=9)
+    with pytest.raises(ValueError, match="num_slow"):
+        workers.parameter_server(4, law, num_slow=5, max_delay=9)
+    with pytest.raises(ValueError, match="slow_factor"):
+        workers.parameter_server(4, law, num_slow=1, slow_factor=0.5, max_delay=9)
+    with pytest.raises(TypeError, match="compute_time"):
+        workers.parameter_server(4, "fast")
+    with pytest.raises(TypeError, match="WorkerModel"):
+        workers.simulate(asgd.delays.constant(2), KEY, 5)
+
+
+# --------------------------------------------------------------------------------------------
+# Purity, vmap, and the stale wrapper.
+
+
+def test_pure_function_of_key_and_vmap():
+    model = workers.parameter_server(6, workers.lognormal(0.0, 0.5), max_staleness=4)
+    keys = jax.random.split(jax.random.key(7), 3)
+    batched = _np(jax.vmap(lambda k: workers.simulate(model, k, 200))(keys))
+    for i in range(3):
+        single = _np(workers.simulate(model, keys[i], 200))
+        chex.assert_trees_all_equal(jax.tree.map(lambda x: x[i], batched), single)
+    assert not np.array_equal(batched.staleness[0], batched.staleness[1])
+    raw = _np(workers.simulate(model, jax.random.key_data(keys[0]), 200))
+    chex.assert_trees_all_equal(raw, jax.tree.map(lambda x: x[0], batched))
+
+
+def test_drives_stale_with_the_simulated_sequence():
+    model = workers.parameter_server(4, workers.exponential(1.0), num_slow=1, max_staleness=3)
+    tx = asgd.stale(optax.sgd(0.1), delay=model, seed=5)
+    params = {"w": jnp.ones(3)}
+    loss = lambda p: 0.5 * jnp.sum(p["w"] ** 2)
+
+    @jax.jit
+    def run(params):
+        def step(carry, _):
+            params, state = carry
+            tau = asgd.staleness(state)
+            grads = jax.grad(loss)(asgd.stale_params(state, params))
+            updates, state = tx.update(grads, state, params)
+            return (optax.apply_updates(params, updates), state), tau
+
+        return jax.lax.scan(step, (params, tx.init(params)), None, length=60)
+
+    (params, state), taus = run(params)
+    expected = workers.simulate(model, jax.random.key(5), 60).staleness
+    np.testing.assert_array_equal(taus, expected)
+    assert int(state.delay_state.dropped) > 0
+    assert float(loss(params)) < 1.5
