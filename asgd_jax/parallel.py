@@ -235,13 +235,13 @@ def _place(value: Any, sharding: NamedSharding) -> jax.Array:
     """``value`` as a global array with ``sharding``.
 
     Host data (the same in every process) is cut into the pieces each process's devices
-    hold; device arrays are moved with ``jax.device_put``.
+    hold; device arrays are copied with ``jax.device_put`` (never aliased, since the placed
+    trees are donated to the train steps).
     """
     if isinstance(value, jax.Array):
-        if value.sharding == sharding:
-            return value
         if not value.is_fully_addressable or sharding.is_fully_addressable:
-            return jax.device_put(value, sharding)
+            # Never alias the caller's buffers: the placed tree is donated by the steps.
+            return jax.device_put(value, sharding, may_alias=False)
     host = np.asarray(value)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 

@@ -337,3 +337,10 @@ def test_launch_local_reports_failures_and_timeouts():
             "timeit", ["-n", "1", "-r", "1", "import time; time.sleep(60)"], timeout=1.0
         )
     assert time.monotonic() - started < 20  # the sleepers were killed, not waited for.
+
+
+def test_placement_never_aliases_the_callers_buffers():
+    mesh = parallel.data_mesh(1)
+    params = {"w": jax.device_put(jnp.ones((4, 3)), jax.sharding.NamedSharding(mesh, P()))}
+    placed = parallel.replicate(params, mesh)
+    assert placed["w"].unsafe_buffer_pointer() != params["w"].unsafe_buffer_pointer()
