@@ -2,15 +2,18 @@
 
 For n = 8, 64, 512 workers (asynchronous protocol, exponential compute times) it measures,
 in one run:
-  (a) updates/s of ``asgd_jax.workers.simulate`` (one jitted ``lax.scan``, one cluster);
+  (a) updates/s of ``asgd_jax.workers.simulate`` with ``method="events"`` (one jitted
+      ``lax.scan``, one cluster) and with ``method="sorted"`` (no event loop: per-worker
+      prefix sums of cycle times and one sort of all arrivals, what ``"auto"`` picks here);
   (b) updates/s of the same scan vmapped over a batch of independent clusters (seeds);
   (c) updates/s of a ``heapq`` event loop in plain Python with the same semantics, fed the
       same cycle times (``asgd_jax.workers.cycle_times``) and checked to produce the same
       staleness sequence;
 then (a) and (b) again in a fresh process with XLA's small-while-loop pass allowed to compile
 the whole event loop into one kernel (a process-wide XLA flag), and the ratios to (c)
-(target ≥ 20× at n = 64). The simulation costs O(n) per update (a masked minimum over the n
-next-finish times), the heap O(log n).
+(target ≥ 20× at n = 64). The event loop costs O(n) per update (a masked minimum over the n
+next-finish times), the sorted path O(log N) per update (a comparator sort of N ≈ 1.2·updates
+finish times), the heap O(log n).
 
 Usage: python benchmarks/workers.py [--quick] [--batch B] [--repeats R] [--no-flag-run]
 """
@@ -79,15 +82,21 @@ def jax_rates(n: int, num_updates: int, batch: int, repeats: int) -> dict:
     """Updates/s of one simulated cluster and of ``batch`` clusters vmapped together."""
     model = workers.parameter_server(n, workers.exponential(1.0), max_delay=40 * n)
     key = jax.random.key(0)
-    single = lambda: jax.block_until_ready(workers.simulate(model, key, num_updates).staleness)
+    run = lambda method: workers.simulate(model, key, num_updates, method=method).staleness
+    single = lambda: jax.block_until_ready(run("events"))
+    fast = lambda: jax.block_until_ready(run("sorted"))
     keys = jax.random.split(key, batch)
     batch_updates = max(num_updates // batch, 200)
-    many = jax.jit(jax.vmap(lambda k: workers.simulate(model, k, batch_updates).staleness))
+    many = jax.jit(
+        jax.vmap(lambda k: workers.simulate(model, k, batch_updates, method="events").staleness)
+    )
     batched = lambda: jax.block_until_ready(many(keys))
     single()
+    fast()
     batched()
     return {
         "updates_per_s_jax": num_updates / best_of(single, repeats),
+        "updates_per_s_jax_sorted": num_updates / best_of(fast, repeats),
         "updates_per_s_jax_batched": batch * batch_updates / best_of(batched, repeats),
     }
 
@@ -99,13 +108,16 @@ def heap_rate(n: int, num_updates: int, repeats: int) -> dict:
     num_cycles = int(2.5 * num_updates / n) + 64
     table = np.asarray(workers.cycle_times(model, key, num_cycles), np.float64).tolist()
     reference, _, _ = heap_event_loop(table, num_updates)
-    simulated = np.asarray(workers.simulate(model, key, num_updates).staleness)
-    # Float32 relative clocks (jax) and float64 absolute clocks (Python) may order a near-tie
-    # differently, after which the sequences diverge: report how many leading updates agree.
-    mismatch = np.flatnonzero(simulated != np.asarray(reference))
-    agree = int(mismatch[0]) if mismatch.size else num_updates
+    # Float32 relative clocks (event loop) and float64 absolute clocks (Python) may order a
+    # near-tie differently, after which the sequences diverge: report how many leading
+    # updates agree. The sorted path sums in double-float (~48 bits), like float64.
+    out = {}
+    for method in ("events", "sorted"):
+        simulated = np.asarray(workers.simulate(model, key, num_updates, method=method).staleness)
+        mismatch = np.flatnonzero(simulated != np.asarray(reference))
+        out[f"identical_{method}"] = int(mismatch[0]) if mismatch.size else num_updates
     seconds = best_of(lambda: heap_event_loop(table, num_updates), repeats)
-    return {"updates_per_s_heapq": num_updates / seconds, "leading_updates_identical": agree}
+    return {"updates_per_s_heapq": num_updates / seconds, **out}
 
 
 def main():
@@ -141,6 +153,7 @@ def main():
         for row in rows:
             extra = flagged[str(row["num_workers"])]
             row["updates_per_s_jax_flag"] = extra["updates_per_s_jax"]
+            row["updates_per_s_jax_sorted_flag"] = extra["updates_per_s_jax_sorted"]
             row["updates_per_s_jax_batched_flag"] = extra["updates_per_s_jax_batched"]
     for row in rows:
         heap = row["updates_per_s_heapq"]
@@ -151,6 +164,7 @@ def main():
     columns = [
         ("heapq", "updates_per_s_heapq"),
         ("jax", "updates_per_s_jax"),
+        ("sorted", "updates_per_s_jax_sorted"),
         ("jax+flag", "updates_per_s_jax_flag"),
         ("batched", "updates_per_s_jax_batched"),
         ("batched+flag", "updates_per_s_jax_batched_flag"),
@@ -159,7 +173,11 @@ def main():
         "updates per second (ratio to heapq); one process, machine load "
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
     )
-    print(f"{'n':>4} " + " ".join(f"{title:>20}" for title, _ in columns) + f" {'identical':>9}")
+    print(
+        f"{'n':>4} "
+        + " ".join(f"{title:>20}" for title, _ in columns)
+        + f" {'same(ev)':>9} {'same(so)':>9}"
+    )
     for row in rows:
         cells = []
         for _, key in columns:
@@ -171,7 +189,7 @@ def main():
         print(
             f"{row['num_workers']:>4} "
             + " ".join(cells)
-            + f" {row['leading_updates_identical']:>9d}"
+            + f" {row['identical_events']:>9d} {row['identical_sorted']:>9d}"
         )
     by_n = {r["num_workers"]: r for r in rows}
     growth = {key: by_n[8][key] / by_n[512][key] for _, key in columns[1:] if key in by_n[8]}

@@ -354,7 +354,7 @@ def test_k_async_groups():
     events = _np(workers.simulate_events(model, KEY, k * 2_000))
     np.testing.assert_array_equal(np.flatnonzero(events.applied), np.arange(k - 1, k * 2_000, k))
     groups = events.staleness.reshape(-1, k)
-    updates = _np(workers.simulate(model, KEY, 2_000))
+    updates = _np(workers.simulate(model, KEY, 2_000, method="events"))
     np.testing.assert_array_equal(updates.staleness, (groups.sum(1) + k // 2) // k)
     np.testing.assert_array_equal(updates.time, events.time[k - 1 :: k])
     # Every gradient is seen by the n − 1 workers in flight at each update: mean (n − 1)/K.
@@ -446,3 +446,79 @@ def test_drives_stale_with_the_simulated_sequence():
     np.testing.assert_array_equal(taus, expected)
     assert int(state.delay_state.dropped) > 0
     assert float(loss(params)) < 1.5
+
+
+# --------------------------------------------------------------------------------------------
+# The sorted (event-free) path.
+
+SORTED_CASES = [
+    dict(num_workers=8, compute_time=0.3),
+    dict(num_workers=6, compute_time=1.0, speeds=[1, 1, 0.5, 0.25, 1, 0.5]),
+    dict(num_workers=8, compute_time=workers.exponential(1.0), max_delay=400),
+    dict(num_workers=6, compute_time=workers.lognormal(0.0, 1.0), num_slow=2, max_delay=600),
+    dict(
+        num_workers=5,
+        compute_time=workers.exponential(1.0),
+        comm_time=0.25,
+        protocol="k_async",
+        k=3,
+        max_delay=60,
+    ),
+    dict(num_workers=5, compute_time=workers.exponential(1.0), protocol="k_sync", k=3),
+]
+
+
+def test_sorted_path_equals_event_path():
+    # Staleness, workers and counters exactly; times to float32 rounding of the two clocks.
+    for kwargs in SORTED_CASES:
+        model = workers.parameter_server(**kwargs)
+        events = _np(workers.simulate(model, KEY, 3_000, method="events"))
+        fast = _np(workers.simulate(model, KEY, 3_000))  # "auto" picks the sorted path
+        for name in events._fields:
+            if name != "time":
+                np.testing.assert_array_equal(
+                    getattr(fast, name), getattr(events, name), err_msg=f"{model.name} {name}"
+                )
+        np.testing.assert_allclose(fast.time, events.time, rtol=1e-5, err_msg=model.name)
+    # Equal deterministic workers: 0, 1, …, n − 1, n − 1, … with exact times.
+    trace = _np(workers.simulate(workers.parameter_server(4, 2.0, comm_time=0.5), KEY, 12))
+    np.testing.assert_array_equal(trace.staleness, [0, 1, 2, 3] + [3] * 8)
+    np.testing.assert_array_equal(trace.worker, list(range(4)) * 3)
+    np.testing.assert_array_equal(trace.time, np.repeat([2.5, 5.0, 7.5], 4))
+
+
+def test_sorted_path_matches_float64_reference():
+    model = workers.parameter_server(8, workers.exponential(1.0), num_slow=2, max_delay=400)
+    num = 2_000
+    tau, worker, _, _, time = _reference(workers.cycle_times(model, KEY, num), num_events=num)
+    trace = _np(workers.simulate(model, KEY, num, method="sorted"))
+    np.testing.assert_array_equal(trace.staleness, tau)
+    np.testing.assert_array_equal(trace.worker, worker)
+    np.testing.assert_allclose(trace.time, time, rtol=1e-6)
+
+
+def test_sorted_path_extends_past_a_short_horizon():
+    # Too few cycles drawn: the updates beyond the horizon come from the event loop.
+    from asgd_jax.workers._simulate import _simulate_sorted
+
+    model = workers.parameter_server(
+        5, workers.exponential(1.0), protocol="k_async", k=2, max_delay=60
+    )
+    events = _np(workers.simulate(model, KEY, 300, method="events"))
+    for cycles in (1, 20):
+        short = _np(_simulate_sorted(model, KEY, 300, cycles))
+        np.testing.assert_array_equal(short.staleness, events.staleness)
+        np.testing.assert_array_equal(short.worker, events.worker)
+        np.testing.assert_allclose(short.time, events.time, rtol=1e-5)
+
+
+def test_simulate_method_validation():
+    ssp = workers.parameter_server(4, 1.0, protocol="ssp", max_staleness=1)
+    with pytest.raises(ValueError, match="method"):
+        workers.simulate(ssp, KEY, 10, method="sorted")
+    with pytest.raises(ValueError, match="method"):
+        workers.simulate(ssp, KEY, 10, method="fast")
+    # "auto" falls back to the event loop where arrivals feed back into timing.
+    chex.assert_trees_all_equal(
+        workers.simulate(ssp, KEY, 50), workers.simulate(ssp, KEY, 50, method="events")
+    )
