@@ -49,16 +49,43 @@ def size(buffer: optax.Params) -> int:
     return int(leaves[0].shape[0]) if leaves else 0
 
 
+@jax.custom_batching.custom_vmap
+def _write_leaf(buf: jax.Array, leaf: jax.Array, slot: jax.Array) -> jax.Array:
+    start = (slot,) + (0,) * leaf.ndim
+    return jax.lax.dynamic_update_slice(buf, leaf.astype(buf.dtype)[None], start)
+
+
+@_write_leaf.def_vmap
+def _write_leaf_batched(axis_size, in_batched, buf, leaf, slot):
+    # Under vmap (e.g. many seeds) the default rule turns a write at a per-run slot into a
+    # scatter, which XLA:CPU runs element by element. Write each run's slot with its own
+    # in-place dynamic-update-slice instead.
+    buf_batched, leaf_batched, slot_batched = in_batched
+    if not buf_batched:
+        buf = jnp.broadcast_to(buf, (axis_size, *buf.shape))
+    if not leaf_batched:
+        leaf = jnp.broadcast_to(leaf, (axis_size, *leaf.shape))
+    leaf = leaf.astype(buf.dtype)
+    rest = (0,) * (leaf.ndim - 1)
+    if not slot_batched:
+        return jax.lax.dynamic_update_slice(buf, leaf[:, None], (0, slot, *rest)), True
+
+    def body(run, buf):
+        update = jax.lax.dynamic_index_in_dim(leaf, run, keepdims=True)[:, None]
+        return jax.lax.dynamic_update_slice(buf, update, (run, slot[run], *rest))
+
+    return jax.lax.fori_loop(0, axis_size, body, buf), True
+
+
 def write(buffer: optax.Params, params: optax.Params, step: jax.Array) -> optax.Params:
-    """Stores ``params`` as snapshot ``step`` (slot ``step mod K``), in place under donation."""
+    """Stores ``params`` as snapshot ``step`` (slot ``step mod K``), in place under donation.
+
+    Under ``jax.vmap`` with a per-run ``step`` the write stays one in-place update per run
+    (a custom batching rule), not a scatter.
+    """
     num_slots = size(buffer)
     slot = jnp.asarray(step, jnp.int32) % num_slots
-
-    def put(buf: jax.Array, leaf: jax.Array) -> jax.Array:
-        start = (slot,) + (0,) * leaf.ndim
-        return jax.lax.dynamic_update_slice(buf, leaf.astype(buf.dtype)[None], start)
-
-    return jax.tree.map(put, buffer, params)
+    return jax.tree.map(lambda buf, leaf: _write_leaf(buf, leaf, slot), buffer, params)
 
 
 def read(buffer: optax.Params, step: jax.Array) -> optax.Params:

@@ -76,3 +76,16 @@ def test_vmap():
 def test_bad_size():
     with pytest.raises(ValueError, match="num_slots"):
         history.init({"w": jnp.ones(2)}, 0)
+
+
+def test_vmapped_write_with_per_run_slots():
+    # The custom batching rule (one in-place update per run) against the unbatched write.
+    buffers = jax.vmap(lambda x: history.init({"w": x}, 4))(jnp.arange(3.0)[:, None])
+    steps = jnp.array([0, 2, 3])
+    new = {"w": 10 + jnp.arange(3.0)[:, None]}
+    batched = jax.jit(jax.vmap(history.write))(buffers, new, steps)
+    for run in range(3):
+        single = history.write(
+            jax.tree.map(lambda b: b[run], buffers), {"w": new["w"][run]}, steps[run]
+        )
+        chex.assert_trees_all_equal(jax.tree.map(lambda b: b[run], batched), single)

@@ -175,7 +175,9 @@ def _after_write(updates: Any, history: Any, slot: jax.Array) -> Any:
     ordered = []
     for u, h in zip(u_leaves, h_leaves, strict=True):
         if u.size and jnp.issubdtype(u.dtype, jnp.inexact) and h.shape[1:] == u.shape:
-            written = _first_element(jax.lax.dynamic_index_in_dim(h, slot, keepdims=False))
+            # One element of snapshot `slot` (a size-1 slice: under vmap a 1-element gather).
+            start = (slot,) + (0,) * (h.ndim - 1)
+            written = jax.lax.dynamic_slice(h, start, (1,) * h.ndim).reshape(())
             u = jnp.where(jnp.isnan(written), jnp.asarray(jnp.nan, u.dtype), u)
         ordered.append(u)
     return jax.tree.unflatten(treedef, ordered)
