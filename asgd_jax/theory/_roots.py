@@ -1,0 +1,144 @@
+"""Numerical building blocks for characteristic roots: argument principle and Newton on ℂ.
+
+Both the SDDE characteristic function s + k L(s) and the discrete one z − 1 + a G(1/z) are
+analytic where we evaluate them, so the number of zeros inside a closed contour equals the
+winding number of the function's image around 0 (the argument principle). The root finders
+use Newton's method for speed and the winding number as a certificate: a candidate is the
+rightmost root only if a box (or the annulus) to its right holds no zero at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+ComplexFn = Callable[[np.ndarray], np.ndarray]
+
+_MAX_POINTS = 2**20
+
+
+def winding_number(values: np.ndarray) -> tuple[int, float]:
+    """Winding number of a closed sampled path around 0 and the largest phase step (rad).
+
+    ``values`` are samples along a closed path (the last one connects back to the first).
+    """
+    ratio = np.roll(values, -1) / values
+    steps = np.angle(ratio)
+    total = steps.sum() / (2.0 * np.pi)
+    return int(np.rint(total)), float(np.max(np.abs(steps)))
+
+
+def count_zeros_in_box(
+    func: ComplexFn, re_lo: float, re_hi: float, im_lo: float, im_hi: float
+) -> int | None:
+    """Number of zeros of an analytic ``func`` inside an axis-aligned rectangle.
+
+    The boundary is sampled with as many points as it takes for consecutive phases to differ
+    by less than π/4 (doubling from 256 per side). Returns ``None`` when the function vanishes
+    on (or is not finite near) the boundary, so the caller can move the contour.
+    """
+    m = 256
+    while m <= _MAX_POINTS:
+        t = np.linspace(0.0, 1.0, m, endpoint=False)
+        width, height = re_hi - re_lo, im_hi - im_lo
+        path = np.concatenate(
+            [
+                re_lo + width * t + 1j * im_lo,
+                re_hi + 1j * (im_lo + height * t),
+                re_hi - width * t + 1j * im_hi,
+                re_lo + 1j * (im_hi - height * t),
+            ]
+        )
+        with np.errstate(all="ignore"):
+            values = func(path)
+        if not np.all(np.isfinite(values)) or np.any(values == 0):
+            return None
+        count, largest_step = winding_number(values)
+        if largest_step < np.pi / 4:
+            return count
+        m *= 2
+    return None
+
+
+def newton(
+    func: ComplexFn,
+    derivative: ComplexFn,
+    starts: np.ndarray,
+    *,
+    max_step: float,
+    iterations: int = 80,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Damped Newton iteration on ℂ from many starts at once.
+
+    Steps longer than ``max_step`` are shortened to it (keeps iterates from jumping across
+    the plane where the function is flat). Returns the final iterates and a mask of those
+    that converged (|f| tiny relative to the terms of f, or the last step negligible).
+    """
+    s = np.asarray(starts, np.complex128).copy()
+    last_step = np.full(s.shape, np.inf)
+    with np.errstate(all="ignore"):
+        for _ in range(iterations):
+            step = func(s) / derivative(s)
+            size = np.abs(step)
+            step = np.where(size > max_step, step * (max_step / size), step)
+            step = np.where(np.isfinite(step), step, 0.0)
+            s = s - step
+            last_step = np.abs(step)
+            if np.all(last_step <= 1e-15 * (1.0 + np.abs(s))):
+                break
+        residual = np.abs(func(s))
+    ok = np.isfinite(s) & (last_step <= 1e-10 * (1.0 + np.abs(s)))
+    ok &= residual <= 1e-8 * (1.0 + np.abs(s))
+    return s, ok
+
+
+def zeros_in_box(
+    func: ComplexFn,
+    derivative: ComplexFn,
+    box: tuple[float, float, float, float],
+    count: int,
+    *,
+    depth: int = 0,
+) -> list[complex]:
+    """All ``count`` zeros inside ``box = (re_lo, re_hi, im_lo, im_hi)``.
+
+    Newton from a small grid of starts inside the box; if that does not produce ``count``
+    distinct zeros inside, the box is split into four (off-centre, so symmetric zeros do not
+    fall on the cuts), each quarter is counted with the argument principle and searched
+    recursively.
+    """
+    if count <= 0:
+        return []
+    re_lo, re_hi, im_lo, im_hi = box
+    width, height = re_hi - re_lo, im_hi - im_lo
+    grid = np.array([0.5, 0.2, 0.8])
+    starts = (re_lo + width * grid[:, None] + 1j * (im_lo + height * grid[None, :])).ravel()
+    roots, ok = newton(func, derivative, starts, max_step=max(width, height))
+    found: list[complex] = []
+    for r in roots[ok]:
+        inside = re_lo <= r.real <= re_hi and im_lo <= r.imag <= im_hi
+        if inside and all(abs(r - q) > 1e-9 * (1.0 + abs(r)) for q in found):
+            found.append(complex(r))
+    if len(found) >= count or depth >= 40 or max(width, height) < 1e-13 * (1 + abs(re_hi)):
+        return found
+    re_mid = re_lo + 0.5123 * width
+    im_mid = im_lo + 0.4877 * height
+    result: list[complex] = []
+    for sub in (
+        (re_lo, re_mid, im_lo, im_mid),
+        (re_mid, re_hi, im_lo, im_mid),
+        (re_lo, re_mid, im_mid, im_hi),
+        (re_mid, re_hi, im_mid, im_hi),
+    ):
+        sub_count = count_zeros_in_box(func, *sub)
+        if sub_count is None:  # a zero on a cut: nudge the cut and try again
+            return zeros_in_box(
+                func,
+                derivative,
+                (re_lo, re_hi + 1e-9 * (1 + abs(re_hi)), im_lo, im_hi),
+                count,
+                depth=depth + 1,
+            )
+        result += zeros_in_box(func, derivative, sub, sub_count, depth=depth + 1)
+    return result
