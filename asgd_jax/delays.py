@@ -32,6 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from asgd_jax._validation import check_int as _check_int
+from asgd_jax._validation import check_real as _check_real
+
 __all__ = [
     "DelayModel",
     "DelayState",
@@ -139,33 +142,7 @@ def uniform01(seed: jax.Array, counter: jax.Array, stream: int = 0) -> jax.Array
 
 
 # --------------------------------------------------------------------------------------------
-# Validation helpers.
-
-
-def _check_int(name: str, value: Any, *, low: int = 0, high: int | None = None) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"`{name}` must be an integer, got {value!r}.")
-    if not isinstance(value, numbers.Integral):
-        if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
-            value = int(value)
-        else:
-            raise TypeError(f"`{name}` must be an integer, got {value!r}.")
-    value = int(value)
-    if value < low or (high is not None and value > high):
-        hi = "∞" if high is None else str(high)
-        raise ValueError(f"`{name}` must be in [{low}, {hi}], got {value}.")
-    return value
-
-
-def _check_real(name: str, value: Any, *, low: float = 0.0, strict: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a real number, got {value!r}.")
-    value = float(value)
-    bad = (value <= low) if strict else (value < low)
-    if not math.isfinite(value) or bad:
-        op = ">" if strict else "≥"
-        raise ValueError(f"`{name}` must be finite and {op} {low}, got {value}.")
-    return value
+# Validation helpers live in asgd_jax._validation (shared with workers and theory).
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+from asgd_jax._validation import check_real as _check_real
 
 __all__ = [
     "DelayLaw",
@@ -28,17 +29,6 @@ __all__ = [
     "shifted_delay",
     "staleness_delay",
 ]
-
-
-def _check_real(name: str, value: Any, *, low: float = 0.0, strict: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a real number, got {value!r}.")
-    value = float(value)
-    bad = (value <= low) if strict else (value < low)
-    if not math.isfinite(value) or bad:
-        op = ">" if strict else "≥"
-        raise ValueError(f"`{name}` must be finite and {op} {low}, got {value}.")
-    return value
 
 
 def _complex(s: Any) -> np.ndarray:

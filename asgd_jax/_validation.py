@@ -1,0 +1,37 @@
+"""Eager argument checks shared by the modules: errors name the argument and its range."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+__all__ = ["check_int", "check_real"]
+
+
+def check_int(name: str, value: Any, *, low: int = 0, high: int | None = None) -> int:
+    """``value`` as an int in ``[low, high]`` (integral floats accepted, bools rejected)."""
+    if isinstance(value, bool):
+        raise TypeError(f"`{name}` must be an integer, got {value!r}.")
+    if not isinstance(value, numbers.Integral):
+        if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
+            value = int(value)
+        else:
+            raise TypeError(f"`{name}` must be an integer, got {value!r}.")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        hi = "∞" if high is None else str(high)
+        raise ValueError(f"`{name}` must be in [{low}, {hi}], got {value}.")
+    return value
+
+
+def check_real(name: str, value: Any, *, low: float = 0.0, strict: bool = False) -> float:
+    """``value`` as a finite float ≥ ``low`` (``> low`` when ``strict``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a real number, got {value!r}.")
+    value = float(value)
+    bad = (value <= low) if strict else (value < low)
+    if not math.isfinite(value) or bad:
+        op = ">" if strict else "≥"
+        raise ValueError(f"`{name}` must be finite and {op} {low}, got {value}.")
+    return value
