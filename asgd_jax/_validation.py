@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from typing import Any
 
-__all__ = ["check_int", "check_real"]
+__all__ = ["check_int", "check_min_int", "check_real"]
 
 
 def check_int(name: str, value: Any, *, low: int = 0, high: int | None = None) -> int:
@@ -34,4 +35,17 @@ def check_real(name: str, value: Any, *, low: float = 0.0, strict: bool = False)
     if not math.isfinite(value) or bad:
         op = ">" if strict else "≥"
         raise ValueError(f"`{name}` must be finite and {op} {low}, got {value}.")
+    return value
+
+
+def check_min_int(name: str, value: Any, low: int) -> int:
+    """``value`` as an int ≥ ``low``: Python or NumPy integers only (no bools, no floats)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {value!r}") from None
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
     return value

@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from asgd_jax._validation import check_min_int as _check_min_int
+
 __all__ = [
     "MODELS",
     "Model",
@@ -225,20 +227,10 @@ class _HogwildCNN(nn.Module):
 # Constructors.
 
 
-def _check_positive_int(name: str, value: Any, low: int = 1) -> int:
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return value
-
-
 def _check_sizes(name: str, values: Any) -> tuple[int, ...]:
     if isinstance(values, int | str) or not isinstance(values, Sequence):
         raise TypeError(f"{name} must be a sequence of ints, got {values!r}")
-    return tuple(_check_positive_int(f"{name}[{i}]", v) for i, v in enumerate(values))
+    return tuple(_check_min_int(f"{name}[{i}]", v, 1) for i, v in enumerate(values))
 
 
 def _check_shape(input_shape: Any) -> tuple[int, ...]:
@@ -257,7 +249,7 @@ def logistic_regression(num_classes: int = 10) -> Model:
     Returns:
       A :class:`Model` with parameters ``{'logits': {'kernel', 'bias'}}``.
     """
-    num_classes = _check_positive_int("num_classes", num_classes, low=2)
+    num_classes = _check_min_int("num_classes", num_classes, 2)
     return Model("logistic_regression", _MLP((), num_classes), num_classes)
 
 
@@ -278,7 +270,7 @@ def mlp(
     hidden_sizes = _check_sizes("hidden_sizes", hidden_sizes)
     if not hidden_sizes:
         raise ValueError("hidden_sizes must name at least one layer; use logistic_regression")
-    num_classes = _check_positive_int("num_classes", num_classes, low=2)
+    num_classes = _check_min_int("num_classes", num_classes, 2)
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {tuple(_ACTIVATIONS)}, got {activation!r}")
     name = f"mlp({','.join(map(str, hidden_sizes))})"
@@ -309,11 +301,11 @@ def cnn(
     References:
       Niu et al., *Hogwild!*, NeurIPS 2011 (arXiv 1106.5730); pytorch/examples mnist_hogwild.
     """
-    num_classes = _check_positive_int("num_classes", num_classes, low=2)
+    num_classes = _check_min_int("num_classes", num_classes, 2)
     channels = _check_sizes("channels", channels)
     if len(channels) != 2:
         raise ValueError(f"channels must have two entries (one per convolution), got {channels}")
-    hidden_size = _check_positive_int("hidden_size", hidden_size)
+    hidden_size = _check_min_int("hidden_size", hidden_size, 1)
     if padding not in _PADDINGS:
         raise ValueError(f"padding must be one of {_PADDINGS}, got {padding!r}")
     module = _HogwildCNN(num_classes, channels, hidden_size, padding)

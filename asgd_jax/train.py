@@ -64,6 +64,7 @@ from asgd_jax import delays as delays_lib
 from asgd_jax import models as models_lib
 from asgd_jax import transforms
 from asgd_jax import workers as workers_lib
+from asgd_jax._validation import check_min_int as _check_int
 
 __all__ = [
     "COMPUTE_TIMES",
@@ -350,15 +351,6 @@ def _check_field(f: dataclasses.Field, value: Any) -> Any:
             raise ValueError(f"{name} must be {'> 0' if strict else '>= 0'}, got {value}")
         return value
     raise TypeError(f"unsupported config field type {hint!r} for {name}")  # pragma: no cover
-
-
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    value = int(value)
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return value
 
 
 # --------------------------------------------------------------------------------------------

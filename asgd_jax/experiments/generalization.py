@@ -39,7 +39,6 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import operator
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -50,6 +49,7 @@ import numpy as np
 
 from asgd_jax import data as data_lib
 from asgd_jax import train as train_lib
+from asgd_jax._validation import check_min_int as _check_int
 
 __all__ = [
     "DEFAULT_DELAYS",
@@ -398,13 +398,3 @@ def _measure(
         full = train_lib.train(config, seeds=seeds, dataset=first, progress=False)
     history = {k: np.asarray(v) for k, v in full.history.items()}
     return history, np.stack(distances, axis=-1), history["mean_staleness"][..., -1]
-
-
-def _check_int(name: str, value: Any, low: int) -> int:
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return value
