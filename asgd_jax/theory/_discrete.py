@@ -58,6 +58,7 @@ from typing import Any
 import numpy as np
 from scipy import optimize, signal
 
+from asgd_jax._validation import check_real
 from asgd_jax.theory import _roots
 from asgd_jax.theory._laws import _staleness_array
 
@@ -77,12 +78,8 @@ __all__ = [
 
 
 def _check_gain(gain: Any) -> float:
-    if isinstance(gain, bool) or not isinstance(gain, numbers.Real):
-        raise TypeError(f"`gain` must be a real number, got {gain!r}.")
-    gain = float(gain)
-    if not math.isfinite(gain) or gain < 0:
-        raise ValueError(f"`gain` a = ηh must be finite and ≥ 0, got {gain}.")
-    return gain
+    """The gain a = ηh: finite and ≥ 0."""
+    return check_real("gain", gain)
 
 
 def constant_staleness_bound(staleness: int) -> float:

@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from asgd_jax._validation import check_int
 from asgd_jax.theory import _continuous, _discrete
 from asgd_jax.theory._laws import (
     DelayLaw,
@@ -73,11 +74,7 @@ __all__ = [
 
 
 def _check_workers(num_workers: Any) -> int:
-    if isinstance(num_workers, bool) or not isinstance(num_workers, numbers.Integral):
-        raise TypeError(f"`num_workers` must be an integer, got {num_workers!r}.")
-    if num_workers < 1:
-        raise ValueError(f"`num_workers` must be ≥ 1, got {num_workers}.")
-    return int(num_workers)
+    return check_int("num_workers", num_workers, low=1)
 
 
 def _check_nonneg(name: str, value: Any) -> float:
