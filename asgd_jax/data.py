@@ -51,7 +51,6 @@ import io
 import logging
 import operator
 import os
-from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import chex
@@ -59,6 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from asgd_jax._logging import quiet
 from asgd_jax.delays import key_words
 
 __all__ = [
@@ -174,16 +174,9 @@ def default_data_dir() -> str:
     return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
 
 
-@contextlib.contextmanager
-def _quiet_tfds() -> Iterator[None]:
+def _quiet_tfds():
     """Silences tfds's absl warnings about absent variant folders while we probe for data."""
-    absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    absl_logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        absl_logger.setLevel(level)
+    return quiet("absl", logging.ERROR)
 
 
 def _spec(name: str) -> _Spec:

@@ -41,7 +41,6 @@ every checkpoint in the directory is left as it is.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -51,7 +50,7 @@ import os
 import sys
 import time
 import typing
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -64,6 +63,7 @@ from asgd_jax import delays as delays_lib
 from asgd_jax import models as models_lib
 from asgd_jax import transforms
 from asgd_jax import workers as workers_lib
+from asgd_jax._logging import quiet
 from asgd_jax._validation import check_min_int as _check_int
 
 __all__ = [
@@ -1084,16 +1084,9 @@ class _Checkpoints:
         self.manager.close()
 
 
-@contextlib.contextmanager
-def _quiet_storage() -> Iterator[None]:
+def _quiet_storage():
     """Silences the asyncio task errors the storage layer logs when a read fails."""
-    asyncio_logger = logging.getLogger("asyncio")
-    level = asyncio_logger.level
-    asyncio_logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        asyncio_logger.setLevel(level)
+    return quiet("asyncio", logging.CRITICAL)
 
 
 def _one_line(error: BaseException) -> str:
