@@ -13,16 +13,22 @@ Submodules (``workers``, ``theory``, ``parallel``, ``hogwild``, ``data``, ``mode
 import importlib
 
 from asgd_jax import delays, history
+from asgd_jax.step import Step, make_step
 from asgd_jax.transforms import (
     StalenessMetrics,
     StaleState,
     delay_compensation,
+    delay_report,
     gap_aware,
+    has_stale_state,
     reseed,
     scale_by_staleness,
     stale,
     stale_params,
+    stale_params_at,
     staleness,
+    staleness_summary,
+    upcoming_staleness,
 )
 
 __version__ = "0.1.0"
@@ -42,15 +48,22 @@ _LAZY_SUBMODULES = (
 __all__ = [
     "StaleState",
     "StalenessMetrics",
+    "Step",
     "delay_compensation",
+    "delay_report",
     "delays",
     "gap_aware",
+    "has_stale_state",
     "history",
+    "make_step",
     "reseed",
     "scale_by_staleness",
     "stale",
     "stale_params",
+    "stale_params_at",
     "staleness",
+    "staleness_summary",
+    "upcoming_staleness",
     *_LAZY_SUBMODULES,
 ]
 

@@ -58,8 +58,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from asgd_jax._counter_rng import key_words
+from asgd_jax._counter_rng import mix32 as _mix32
 from asgd_jax._logging import quiet
-from asgd_jax.delays import key_words
 
 __all__ = [
     "DATASETS",
@@ -419,15 +420,6 @@ def neighbouring_pair(
 
 # --------------------------------------------------------------------------------------------
 # Deterministic batching from a key.
-
-
-def _mix32(x: jax.Array) -> jax.Array:
-    """MurmurHash3's 32-bit finaliser (a bijective avalanche mix of a uint32)."""
-    x = x ^ (x >> 16)
-    x = x * jnp.uint32(0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = x * jnp.uint32(0xC2B2AE35)
-    return x ^ (x >> 16)
 
 
 _FEISTEL_ROUNDS = 8

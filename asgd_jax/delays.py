@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from asgd_jax._counter_rng import key_words, uniform01
 from asgd_jax._validation import check_int as _check_int
 from asgd_jax._validation import check_real as _check_real
 
@@ -83,6 +84,16 @@ class DelayModel:
             return None
         return float(np.dot(np.arange(self.pmf.size), self.pmf))
 
+    def report(self, state: Any) -> dict[str, jax.Array]:
+        """The model's own clock and counters read off ``state`` (traceable; ``{}`` here).
+
+        Models that simulate time override it: the worker simulation reports ``time``,
+        ``worker``, ``worker_step``, ``dropped`` and ``clipped``, so training code reads
+        them without knowing the model's state layout.
+        """
+        del state
+        return {}
+
     def __repr__(self) -> str:
         return f"DelayModel({self.name}, max_delay={self.max_delay})"
 
@@ -105,40 +116,6 @@ class TraceState(NamedTuple):
 
     count: jax.Array
     exhausted: jax.Array
-
-
-# --------------------------------------------------------------------------------------------
-# Counter-based randomness.
-
-
-def _mix32(x: jax.Array) -> jax.Array:
-    """MurmurHash3's 32-bit finaliser: a bijective avalanche mix of a uint32."""
-    x = x ^ (x >> 16)
-    x = x * jnp.uint32(0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = x * jnp.uint32(0xC2B2AE35)
-    x = x ^ (x >> 16)
-    return x
-
-
-def key_words(key: chex.PRNGKey) -> jax.Array:
-    """Two ``uint32`` words drawn from ``key`` (typed or raw); the seed of a counter stream."""
-    return jax.random.bits(key, (2,), jnp.uint32)
-
-
-def uniform01(seed: jax.Array, counter: jax.Array, stream: int = 0) -> jax.Array:
-    """A float32 in ``[0, 1)`` from a counter-based hash of ``(seed, counter, stream)``.
-
-    Pure and stateless: the same arguments always give the same value. Two rounds of the
-    Murmur3 finaliser over the counter keyed by both seed words; 24 bits of the result form
-    the mantissa. ``stream`` separates independent streams that share a seed.
-    """
-    c = jnp.asarray(counter).astype(jnp.uint32)
-    x = c * jnp.uint32(0x9E3779B9) + seed[0] + jnp.uint32((stream * 0x632BE5AB) & 0xFFFFFFFF)
-    x = _mix32(x)
-    x = _mix32(x ^ seed[1])
-    x = _mix32(x + jnp.uint32(0x7F4A7C15))
-    return (x >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,141 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
-import chex
 import jax
 import jax.numpy as jnp
 import optax
 
 from asgd_jax import delays as delays_lib
 from asgd_jax import history as history_lib
+from asgd_jax.transforms._state import (
+    StalenessMetrics,
+    StaleState,
+    _is_key,
+    _Static,
+    stale_params,
+)
 
-__all__ = [
-    "StaleState",
-    "StalenessMetrics",
-    "stale",
-    "stale_params",
-    "staleness",
-    "reseed",
-    "find_stale_state",
-]
-
-
-@jax.tree_util.register_pytree_node_class
-class _Static:
-    """Holds a Python object as static pytree metadata (no leaves), e.g. the delay model."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: Any):
-        self.value = value
-
-    def tree_flatten(self):
-        return (), self.value
-
-    @classmethod
-    def tree_unflatten(cls, value, children):
-        del children
-        return cls(value)
-
-    def __repr__(self) -> str:
-        return repr(self.value)
-
-
-class StalenessMetrics(NamedTuple):
-    """Staleness statistics accumulated inside the jitted step."""
-
-    last_staleness: jax.Array  # τ of the most recent gradient (applied or dropped).
-    staleness_histogram: jax.Array  # int32[max_delay + 1]: count of gradients per τ.
-    updates_dropped: jax.Array  # gradients discarded because τ > max_staleness.
-
-
-class StaleState(NamedTuple):
-    """State of :func:`stale`: parameter history, next staleness and delay-model state."""
-
-    step: jax.Array  # t: number of gradients processed so far (int32).
-    staleness: jax.Array  # τ_t, the staleness of the next gradient (int32).
-    history: Any  # K past parameter snapshots (leading axis K); () when max_delay == 0.
-    stale_step: jax.Array  # t − τ_t (≥ 0): the index of the snapshot the next gradient reads.
-    delay_state: Any  # the delay model's own state.
-    inner_state: optax.OptState  # state of the wrapped transformation.
-    metrics: StalenessMetrics
-    delay: _Static  # the delay model (static metadata: no leaves).
-
-
-def _is_stale_state(x: Any) -> bool:
-    return isinstance(x, StaleState)
-
-
-def find_stale_state(state: Any) -> StaleState:
-    """Returns the unique :class:`StaleState` inside an optimizer state."""
-    if isinstance(state, StaleState):
-        return state
-    found = [
-        leaf
-        for leaf in jax.tree.leaves(state, is_leaf=_is_stale_state)
-        if isinstance(leaf, StaleState)
-    ]
-    if len(found) != 1:
-        raise ValueError(
-            "Expected exactly one asgd_jax.stale state inside the optimizer state, found "
-            f"{len(found)}. Pass the StaleState itself when several are nested."
-        )
-    return found[0]
-
-
-def _replace_stale_state(state: Any, new: StaleState) -> Any:
-    if isinstance(state, StaleState):
-        return new
-    return jax.tree.map(
-        lambda x: new if isinstance(x, StaleState) else x, state, is_leaf=_is_stale_state
-    )
-
-
-def staleness(state: Any) -> jax.Array:
-    """τ_t: the staleness that the next gradient will have (an int32 scalar)."""
-    return find_stale_state(state).staleness
-
-
-def stale_params(state: Any, params: optax.Params) -> optax.Params:
-    """W_{t−τ_t}: the parameters at which the next gradient is to be evaluated.
-
-    A pure read of the state (τ_t was drawn at the end of the previous update): one fused
-    pass that selects ``params`` when τ_t = 0 and otherwise reads snapshot t − τ_t from the
-    history. Returns the initial parameters W_0 when τ_t exceeds the number of steps taken so
-    far (all workers start from W_0). Snapshots stored in a lower ``history_dtype`` are cast
-    back to each parameter's dtype.
-
-    Args:
-      state: the state of :func:`stale`, or any optimizer state containing exactly one.
-      params: the current parameters W_t.
-
-    Returns:
-      A pytree like ``params``.
-    """
-    s = find_stale_state(state)
-    if isinstance(s.history, tuple) and not s.history:
-        return params  # max_delay == 0: always fresh.
-    weight_prediction = history_lib.size(s.history) > int(s.delay.value.max_delay)
-    snapshot = _snapshot(s.history, s.stale_step, s.staleness, weight_prediction)
-    fresh = s.staleness == 0
-    return jax.tree.map(lambda p, w: jnp.where(fresh, p, w.astype(p.dtype)), params, snapshot)
-
-
-def _snapshot(history: Any, index: jax.Array, tau: jax.Array, weight_prediction: bool) -> Any:
-    """Snapshot ``index``, or with prediction W_s + τ (W_s − W_{s−1}) for s = ``index``."""
-    snap = history_lib.read(history, index)
-    if not weight_prediction:
-        return snap
-    prev = history_lib.read(history, jnp.maximum(index - 1, 0))
-    tau_f = jnp.asarray(tau).astype(jnp.float32)
-
-    def extrapolate(w, w_prev):
-        w32, prev32 = w.astype(jnp.float32), w_prev.astype(jnp.float32)
-        return (w32 + tau_f * (w32 - prev32)).astype(w.dtype)
-
-    return jax.tree.map(extrapolate, snap, prev)
+__all__ = ["stale"]
 
 
 def _first_element(x: jax.Array) -> jax.Array:
@@ -343,34 +225,3 @@ def stale(
         return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _is_key(x: Any) -> bool:
-    dtype = getattr(x, "dtype", None)
-    return dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
-
-
-def reseed(state: Any, key: chex.PRNGKey) -> Any:
-    """Restarts the delay model of a :func:`stale` state from ``key``.
-
-    Gives each run its own delay sequence after a shared ``init``, e.g. to run many seeds at
-    once: ``jax.vmap(lambda k: asgd.reseed(tx.init(params), k))(keys)``. The staleness of the
-    next gradient is redrawn and its snapshot re-read from the history, so ``reseed`` may be
-    called at any step; called right after ``init`` it equals ``stale(..., seed=key)``.
-
-    Args:
-      state: the state of :func:`stale`, or an optimizer state containing exactly one.
-      key: a PRNG key (typed or raw).
-
-    Returns:
-      ``state`` with the stale state's delay stream restarted.
-    """
-    s = find_stale_state(state)
-    delay = s.delay.value
-    max_delay = int(delay.max_delay)
-    tau, delay_state = delay.next(delay.init(key))
-    tau = jnp.minimum(tau, max_delay).astype(jnp.int32)
-    # The buffer holds W_0 … W_{t−1}; τ = 0 reads params, so the index only matters for τ ≥ 1.
-    stale_step = jnp.maximum(s.step - tau, 0)
-    new = s._replace(staleness=tau, delay_state=delay_state, stale_step=stale_step)
-    return _replace_stale_state(state, new)

@@ -6,6 +6,8 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from asgd_jax import delays
@@ -64,6 +66,22 @@ class WorkerModel(delays.DelayModel):
     update_rate: float | None = None
     mean_staleness: float | None = None
     arrival: Callable[[WorkerState], WorkerState] | None = None
+
+    def report(self, state: WorkerState) -> dict[str, jax.Array]:
+        """The simulation's clock and counters after the arrival that delivers an update.
+
+        Returns ``time`` (simulated wall clock, float32), ``worker`` (the arriving worker),
+        ``worker_step`` (gradients that worker had pushed before this one: its local step),
+        ``dropped`` and ``clipped`` (the counters of :class:`WorkerState`). Traceable.
+        """
+        worker = state.worker
+        return {
+            "time": state.time,
+            "worker": worker,
+            "worker_step": state.clock[jnp.maximum(worker, 0)] - 1,
+            "dropped": state.dropped,
+            "clipped": state.clipped,
+        }
 
     def __repr__(self) -> str:
         return f"WorkerModel({self.name}, max_delay={self.max_delay})"
