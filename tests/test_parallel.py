@@ -11,7 +11,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import asgd_jax as asgd
-from asgd_jax import _distributed_worker, delays, parallel, workers
+from asgd_jax import delays, parallel, workers
+from asgd_jax.parallel import _distributed_worker
 from asgd_jax.transforms import find_stale_state
 
 NUM_FEATURES = 4
@@ -309,7 +310,7 @@ def test_bad_inputs_raise_clear_errors():
 def test_two_processes_equal_one_process(tmp_path):
     out = tmp_path / "result.npz"
     logs = parallel.launch_local(
-        "asgd_jax._distributed_worker",
+        "asgd_jax.parallel._distributed_worker",
         [str(out)],
         num_processes=2,
         devices_per_process=4,

@@ -1,6 +1,6 @@
 """A small multi-process run of :mod:`asgd_jax.parallel`, used to check multi-host setups.
 
-``python -m asgd_jax._distributed_worker OUT.npz`` (started N times, e.g. by
+``python -m asgd_jax.parallel._distributed_worker OUT.npz`` (started N times, e.g. by
 :func:`asgd_jax.parallel.launch_local`) joins the processes with
 :func:`asgd_jax.parallel.initialize`, trains a tiny least-squares model across every
 process's devices (synchronous all-reduce SGD and stale SGD), and process 0 writes the
@@ -65,7 +65,7 @@ def experiment(mesh: jax.sharding.Mesh) -> dict[str, np.ndarray]:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 1:
-        print("usage: python -m asgd_jax._distributed_worker OUT.npz", file=sys.stderr)
+        print("usage: python -m asgd_jax.parallel._distributed_worker OUT.npz", file=sys.stderr)
         return 2
     parallel.initialize()
     try:
