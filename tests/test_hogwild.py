@@ -67,12 +67,8 @@ def _host_data(fail_at=None, hang=None, interrupt_at=None):
 
 
 def _apply_fn(optimizer):
-    @jax.jit
-    def apply(params, state, grads):
-        updates, state = optimizer.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    return apply
+    """The contract's apply half, jitted: what the server does with one pushed gradient."""
+    return jax.jit(asgd.make_step(_squared_loss, optimizer).apply)
 
 
 @pytest.mark.timeout(60)
@@ -100,7 +96,7 @@ def test_locked_applies_exactly_the_logged_gradients_in_order():
     apply = _apply_fn(optimizer)
     params, state = PARAMS0, optimizer.init(PARAMS0)
     for t in range(60):
-        params, state = apply(params, state, _pushed(result, t))
+        params, state = apply(_pushed(result, t), params, state)
     chex.assert_trees_all_equal(params, result.params)
     assert not _hogwild_threads()
 
@@ -172,13 +168,14 @@ def test_replay_through_stale_applies_the_recorded_staleness_sequence():
 
     tx = asgd.stale(SGD, delays.trace(trace))
     state = tx.init(PARAMS0)
+    replay = asgd.make_step(_squared_loss, tx)
 
     @jax.jit
     def step(params, state, batch):
         tau = asgd.staleness(state)
-        grads = jax.grad(_squared_loss)(asgd.stale_params(state, params), batch)
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, tau, grads
+        _, grads = replay.gradient(params, state, batch)  # at W_{t−τ_t}
+        params, state = replay.apply(grads, params, state)
+        return params, state, tau, grads
 
     params, applied = PARAMS0, []
     for t in range(steps):
@@ -267,26 +264,20 @@ def test_worker_exception_names_the_worker_and_leaks_no_thread(mode):
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("mode", ["locked", "sync"])
-def test_a_worker_dying_mid_push_does_not_deadlock_the_server(mode, monkeypatch):
-    deliver = hogwild._Run._push_and_wait
-
-    def dying(self, worker, step, *rest):
-        if (worker, step) == (1, 3):
-            self.inbox.put((worker, step, *rest))  # the server has the gradient ...
-            raise ConnectionError("worker 1 lost mid-push")  # ... the worker never sees the ack
-        return deliver(self, worker, step, *rest)
-
-    monkeypatch.setattr(hogwild._Run, "_push_and_wait", dying)
-    with pytest.raises(hogwild.HogwildError, match="worker 1 raised ConnectionError") as info:
+@pytest.mark.parametrize("fail_at", [(1, 0), (1, 3)])
+def test_a_worker_dying_while_the_server_holds_gradients_does_not_deadlock(mode, fail_at):
+    # Worker 0 is slow, so when worker 1 dies the server holds the others' gradients (sync:
+    # a round it can never complete) and is waiting for more: it must see the stop signal.
+    with pytest.raises(hogwild.HogwildError, match="worker 1 raised ValueError") as info:
         hogwild.train(
             _squared_loss,
             PARAMS0,
             SGD,
-            _regression(),
+            _host_data(fail_at=fail_at),
             num_workers=3,
             steps=10_000,
-            batch_size=BATCH,
             mode=mode,
+            straggler=hogwild.Straggler(extra_time=(0.2, 0.0, 0.0)),
         )
     assert info.value.worker == 1
     assert not _hogwild_threads()
@@ -507,4 +498,81 @@ def test_arguments_are_validated_eagerly():
     table = hogwild.Straggler.random(0.01).table(jax.random.key(0), 3, 1000)
     assert table.shape == (3, 1000) and np.all(table >= 0)
     np.testing.assert_allclose(table.mean(), 0.01, rtol=0.1)
+    assert not _hogwild_threads()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "seed",
+    ["abc", 1.5, True, None, np.zeros(2, np.float32), jax.random.split(jax.random.key(0), 2)],
+    ids=["str", "float", "bool", "none", "float-array", "batch-of-keys"],
+)
+def test_a_bad_seed_is_rejected_naming_it(seed):
+    with pytest.raises(TypeError, match="`seed` must be an int or a single PRNG key"):
+        hogwild.train(
+            _squared_loss, PARAMS0, SGD, _regression(), steps=2, batch_size=BATCH, seed=seed
+        )
+    assert not _hogwild_threads()
+
+
+@pytest.mark.timeout(60)
+def test_an_int_seed_and_its_key_give_the_same_run():
+    def run(seed):
+        return hogwild.train(
+            _squared_loss,
+            PARAMS0,
+            SGD,
+            _regression(),
+            num_workers=1,
+            steps=6,
+            batch_size=BATCH,
+            seed=seed,
+        ).params
+
+    reference = run(3)
+    for seed in (np.int64(3), jax.random.key(3), jax.random.PRNGKey(3)):
+        chex.assert_trees_all_equal(run(seed), reference)
+
+
+@pytest.mark.timeout(60)
+def test_integer_params_are_rejected_naming_the_leaf():
+    params = {"w": jnp.zeros(NUM_FEATURES, jnp.int32), "b": jnp.zeros((), jnp.float32)}
+    with pytest.raises(TypeError, match=r"`params` leaf \['w'\] has dtype int32"):
+        hogwild.train(_squared_loss, params, SGD, _regression(), steps=2, batch_size=BATCH)
+    with pytest.raises(TypeError, match=r"`params` leaf \['b'\] has dtype bool"):
+        hogwild.train(
+            _squared_loss,
+            {"w": PARAMS0["w"], "b": jnp.zeros((), bool)},
+            SGD,
+            _regression(),
+            steps=2,
+            batch_size=BATCH,
+        )
+    assert not _hogwild_threads()
+
+
+@pytest.mark.timeout(60)
+def test_keyboard_interrupt_names_the_threads_left_stuck_in_user_code():
+    release = threading.Event()
+    # Worker 1 blocks in its data function; worker 0 then presses Ctrl-C.
+    data = _host_data(hang=((1, 1), lambda: release.wait(30.0)), interrupt_at=(0, 4))
+    try:
+        with pytest.warns(RuntimeWarning, match="asgd-hogwild-worker-1"):
+            with pytest.raises(KeyboardInterrupt) as info:
+                hogwild.train(
+                    _squared_loss,
+                    PARAMS0,
+                    SGD,
+                    data,
+                    num_workers=2,
+                    time_limit=50.0,
+                    shutdown_timeout=0.5,
+                )
+        notes = getattr(info.value, "__notes__", [])
+        assert len(notes) == 1 and "asgd-hogwild-worker-1" in notes[0]
+        assert "worker-0" not in notes[0]
+    finally:
+        release.set()
+        for thread in _hogwild_threads():
+            thread.join(10.0)
     assert not _hogwild_threads()

@@ -1,0 +1,137 @@
+"""What a hogwild run returns: the trace of every applied update, metrics, the result."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+import optax
+
+from asgd_jax.transforms import staleness_summary
+
+__all__ = ["HogwildError", "HogwildMetrics", "HogwildResult", "Trace"]
+
+
+class HogwildError(RuntimeError):
+    """A hogwild run failed; ``worker`` is the failing worker's id, ``None`` for the server."""
+
+    def __init__(self, message: str, worker: int | None = None):
+        super().__init__(message)
+        self.worker = worker
+
+
+class Trace(NamedTuple):
+    """Every applied update, in application order (one entry per update).
+
+    ``staleness[t] = version_applied[t] − version_pulled[t]`` is τ_t of update t; pass the
+    trace to :func:`asgd_jax.delays.trace` to replay it. ``worker_step`` is the worker's own
+    gradient index (with :func:`worker_batch` it regenerates the batch). In ``"sync"`` mode
+    ``worker`` is the last worker to arrive in the round (the one the round waited for) and
+    ``loss`` the round's mean loss.
+    """
+
+    worker: np.ndarray
+    version_pulled: np.ndarray
+    version_applied: np.ndarray
+    staleness: np.ndarray
+    wall_time: np.ndarray
+    worker_step: np.ndarray
+    loss: np.ndarray
+
+
+class HogwildMetrics(NamedTuple):
+    """Summary of a hogwild run (host scalars and small NumPy arrays)."""
+
+    mode: str
+    num_workers: int
+    updates: int
+    gradients: int
+    wall_time: float
+    updates_per_second: float
+    gradients_per_second: float
+    gradients_per_worker: np.ndarray
+    mean_staleness: float
+    max_staleness: int
+    staleness_histogram: np.ndarray
+    stopped_by: str
+    torn_reads: int
+    overlapping_writes: int
+    write_residual: float
+
+
+class HogwildResult(NamedTuple):
+    """What :func:`train` returns.
+
+    Attributes:
+      params: the final parameters (``jax.Array`` leaves, the input's structure).
+      opt_state: the server's optimizer state; in ``"lock_free"`` mode a tuple of the
+        workers' own optimizer states.
+      metrics: a :class:`HogwildMetrics`.
+      trace: a :class:`Trace` of every applied update.
+      pushes: with ``record_pushes=True``, what was applied, stacked in application order
+        (leading axis = update): the gradients (``"locked"``), the round-averaged gradients
+        (``"sync"``) or the parameter deltas (``"lock_free"``); else ``None``.
+    """
+
+    params: optax.Params
+    opt_state: Any
+    metrics: HogwildMetrics
+    trace: Trace
+    pushes: Any
+
+
+def trace_from_rows(rows: list[tuple]) -> Trace:
+    """A :class:`Trace` from ``(worker, pulled, applied, wall_time, worker_step, loss)`` rows.
+
+    Rows are put in application order (``applied``); a server that logs in that order
+    already (one thread applying every update) is left as it is.
+    """
+    rows = sorted(rows, key=lambda row: row[2])
+    cols = list(zip(*rows, strict=True)) if rows else [()] * 6
+    worker, pulled, applied, wall, step, loss = (np.asarray(c) for c in cols)
+    pulled = pulled.astype(np.int64)
+    applied = applied.astype(np.int64)
+    return Trace(
+        worker=worker.astype(np.int32),
+        version_pulled=pulled,
+        version_applied=applied,
+        staleness=(applied - pulled).astype(np.int32),
+        wall_time=wall.astype(np.float64),
+        worker_step=step.astype(np.int64),
+        loss=loss.astype(np.float32),
+    )
+
+
+def summarize(
+    trace: Trace,
+    *,
+    mode: str,
+    gradients_per_worker: np.ndarray,
+    wall_time: float,
+    stopped_by: str,
+    torn_reads: int = 0,
+    overlapping_writes: int = 0,
+    write_residual: float = 0.0,
+) -> HogwildMetrics:
+    """The :class:`HogwildMetrics` of a run that logged ``trace`` in ``wall_time`` seconds."""
+    updates = int(trace.staleness.size)
+    gradients = int(gradients_per_worker.sum())
+    histogram = np.bincount(trace.staleness) if updates else np.zeros(1, np.int64)
+    summary = staleness_summary(histogram)
+    return HogwildMetrics(
+        mode=mode,
+        num_workers=int(gradients_per_worker.size),
+        updates=updates,
+        gradients=gradients,
+        wall_time=wall_time,
+        updates_per_second=updates / wall_time if wall_time > 0 else 0.0,
+        gradients_per_second=gradients / wall_time if wall_time > 0 else 0.0,
+        gradients_per_worker=gradients_per_worker,
+        mean_staleness=float(summary["mean"]),
+        max_staleness=int(summary["max"]),
+        staleness_histogram=histogram,
+        stopped_by=stopped_by,
+        torn_reads=torn_reads,
+        overlapping_writes=overlapping_writes,
+        write_residual=write_residual,
+    )

@@ -1,0 +1,177 @@
+"""What every consistency mode shares: one parameter server base.
+
+A server holds the parameters, the server-side optimizer state, a version counter (the
+number of updates applied) and the log of every applied update, and it measures staleness
+itself: τ = (version the update is applied as) − (version the gradient was pulled at). It
+knows nothing about threads: a backend calls :meth:`Server.pull` when a worker reads the
+parameters, :meth:`Server.claim` before a worker starts a gradient and :meth:`Server.push`
+when a gradient (or update) arrives, from whichever thread or process carries it. One
+subclass per consistency mode decides what a push does (``_locked.py``, ``_sync.py``,
+``_lock_free.py``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from asgd_jax.hogwild import _programs
+from asgd_jax.hogwild._results import Trace, trace_from_rows
+from asgd_jax.step import Step
+
+__all__ = ["Server"]
+
+
+class Server:
+    """The parameter server of one run; subclasses are the consistency modes.
+
+    Attributes:
+      mode: the mode's name (``MODES``).
+      serial: whether pushes are handed to one server thread that applies them in arrival
+        order (``"locked"``, ``"sync"``); otherwise the pushing worker applies its own
+        update (``"lock_free"``).
+      worker_optimizer: whether each worker runs the optimizer itself and pushes the
+        resulting update rather than its gradient (``"lock_free"``).
+      version: updates applied so far.
+    """
+
+    mode: ClassVar[str]
+    serial: ClassVar[bool] = True
+    worker_optimizer: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        step: Step,
+        params: Any,
+        *,
+        num_workers: int,
+        steps: int | None,
+        record_pushes: bool = False,
+    ):
+        self.step = step
+        self.num_workers = num_workers
+        self.steps = steps
+        self.record_pushes = record_pushes
+        leaves, self.treedef = jax.tree.flatten(params)
+        # Copies, never the caller's buffers.
+        self.initial = [np.array(jnp.asarray(x), copy=True) for x in leaves]
+        self.lock = threading.Lock()  # guards the version counter and the published snapshot
+        self.version = 0
+        self.torn_reads = 0
+        self.overlapping_writes = 0
+        self._claimed = 0  # gradients reserved by pulls (bounds the run to exactly `steps`)
+        self._rows: list[tuple] = []
+        self._pushes: list[tuple[int, list[np.ndarray]]] = []
+        self._t0 = time.perf_counter()
+        self._apply = None
+        self.params, self.opt_state = self._init_state()
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def _init_state(self) -> tuple[Any, Any]:
+        """The server's parameters (device copies) and optimizer state at W_0."""
+        self.snapshot = self.initial
+        params = jax.tree.unflatten(self.treedef, [jnp.array(x) for x in self.initial])
+        return params, self.step.tx.init(params)
+
+    def grad_structs(self) -> Any:
+        """The shape of what one server update takes."""
+        return jax.tree.unflatten(
+            self.treedef, [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in self.initial]
+        )
+
+    def compile(self) -> None:
+        """Compiles the update program (in the calling thread, before any worker starts)."""
+        self._apply = _programs.compile_apply(
+            self.step, self.params, self.opt_state, self.grad_structs(), average=False
+        )
+
+    def worker_opt_state(self) -> Any:
+        """A worker's own optimizer state (``worker_optimizer`` modes), else ``None``."""
+        return None
+
+    def final_params(self) -> Any:
+        return self.params
+
+    def final_opt_state(self, worker_states: list) -> Any:
+        return self.opt_state
+
+    def write_residual(self) -> float:
+        return 0.0
+
+    # -- the clock and the budget ------------------------------------------------------------
+
+    def start_clock(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def now(self) -> float:
+        """Seconds since :meth:`start_clock`."""
+        return time.perf_counter() - self._t0
+
+    def claim(self, worker: int, worker_step: int) -> bool:
+        """Reserves ``worker``'s next gradient; False once the run has all it needs.
+
+        Asynchronous modes reserve from one budget of ``steps`` gradients, so a run applies
+        exactly ``steps`` updates however the workers interleave.
+        """
+        with self.lock:
+            if self.steps is None:
+                return True
+            if self._claimed >= self.steps:
+                return False
+            self._claimed += 1
+            return True
+
+    def finished(self) -> bool:
+        """Whether ``steps`` updates have been applied."""
+        return self.steps is not None and self.version >= self.steps
+
+    # -- pulls and pushes (host side: NumPy only, never a wait) --------------------------------
+
+    def pull(self, worker: int) -> tuple[list[np.ndarray], np.int32]:
+        """The current parameters (host leaves) and their version, read consistently."""
+        with self.lock:
+            return self.snapshot, np.int32(self.version)
+
+    def push(
+        self, worker: int, step: int, version_pulled: int, loss: float, pushed: list
+    ) -> list[int]:
+        """Delivers one gradient; returns the workers whose gradients are now applied."""
+        raise NotImplementedError
+
+    def apply(self, grads: list) -> int:
+        """Applies one update with the server's optimizer; returns the new version."""
+        grads = jax.tree.unflatten(self.treedef, grads)
+        params, opt_state, applied = self._apply(self.params, self.opt_state, grads)
+        snapshot = [np.asarray(x) for x in jax.tree.leaves(params)]  # waits for the update
+        self.params, self.opt_state = params, opt_state
+        with self.lock:
+            self.snapshot = snapshot
+            self.version += 1
+            version = self.version
+        if self.record_pushes:
+            self._pushes.append((version - 1, [np.asarray(x) for x in jax.tree.leaves(applied)]))
+        return version
+
+    def log(
+        self, worker: int, version_pulled: int, version_applied: int, step: int, loss: float
+    ) -> None:
+        """Logs an applied update; its staleness is ``version_applied − version_pulled``."""
+        self._rows.append((worker, version_pulled, version_applied, self.now(), step, loss))
+
+    # -- results -------------------------------------------------------------------------------
+
+    def trace(self) -> Trace:
+        return trace_from_rows(self._rows)
+
+    def stacked_pushes(self) -> Any:
+        """Every recorded push, stacked in application order (``None`` if none)."""
+        if not self.record_pushes or not self._pushes:
+            return None
+        rows = [leaves for _, leaves in sorted(self._pushes, key=lambda p: p[0])]
+        return jax.tree.unflatten(self.treedef, [np.stack(col) for col in zip(*rows, strict=True)])

@@ -1,0 +1,215 @@
+"""``hogwild.train``: checks the arguments, builds the server and the programs, runs them."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from asgd_jax._validation import check_min_int, check_optional, check_real
+from asgd_jax.hogwild import _programs
+from asgd_jax.hogwild._lock_free import LockFreeServer
+from asgd_jax.hogwild._locked import LockedServer
+from asgd_jax.hogwild._results import HogwildResult, summarize
+from asgd_jax.hogwild._run import Run
+from asgd_jax.hogwild._server import Server
+from asgd_jax.hogwild._stragglers import STRAGGLER_TABLE, Straggler
+from asgd_jax.hogwild._sync import SyncServer
+from asgd_jax.step import make_step
+
+__all__ = ["MODES", "SERVERS", "train"]
+
+SERVERS: dict[str, type[Server]] = {
+    cls.mode: cls for cls in (LockedServer, LockFreeServer, SyncServer)
+}
+MODES = ("locked", "lock_free", "sync")
+
+
+def train(
+    loss_fn: Callable[[optax.Params, Any], jax.Array],
+    params: optax.Params,
+    optimizer: optax.GradientTransformation,
+    data: Any,
+    *,
+    num_workers: int = 4,
+    steps: int | None = None,
+    mode: str = "locked",
+    batch_size: int | None = None,
+    straggler: Straggler | None = None,
+    time_limit: float | None = None,
+    seed: int | chex.PRNGKey = 0,
+    record_pushes: bool = False,
+    progress: bool = False,
+    shutdown_timeout: float = 30.0,
+) -> HogwildResult:
+    """Trains with ``num_workers`` real asynchronous worker threads and a parameter server.
+
+    Each worker thread repeatedly reserves a gradient, runs one jitted program (pull through
+    ``io_callback`` → gradient → push through ``io_callback``) and delivers the push; the
+    server applies the updates (see :mod:`asgd_jax.hogwild` for the three consistency
+    modes). Programs are compiled once here, in the calling thread, and cached for later
+    runs with the same ``loss_fn``, ``optimizer`` and shapes. The run ends after ``steps``
+    updates, at ``time_limit`` seconds, on the first error (re-raised here as
+    :class:`HogwildError` naming the worker, with the original exception as ``__cause__``)
+    or on ``KeyboardInterrupt`` (propagated after every thread is stopped; threads still
+    stuck in user code after ``shutdown_timeout`` are named in a note on the interrupt and
+    in a ``RuntimeWarning``). Every thread this call starts is joined before it returns.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``, jittable.
+      params: the initial parameters (a pytree of floating-point arrays); not modified.
+      optimizer: any optax transformation. ``"locked"``/``"sync"``: one server-side state;
+        ``"lock_free"``: each worker keeps its own state (as in PyTorch's Hogwild example).
+      data: either a pytree of arrays with a shared leading example axis (each worker samples
+        its own batches inside its program, see :func:`worker_batch`; needs ``batch_size``),
+        or a host function ``data(worker, step) -> batch`` returning NumPy arrays of fixed
+        shapes. It is called from the worker threads, so it must be thread-safe; it is called
+        once as ``data(0, 0)`` before the run to learn the batch shapes (that batch is then
+        worker 0's first).
+      num_workers: worker threads, ≥ 1.
+      steps: updates to apply (``"sync"``: rounds of ``num_workers`` gradients); exactly
+        this many in ``"locked"``/``"lock_free"`` (pulls reserve them). ``None`` runs until
+        ``time_limit``.
+      mode: ``"locked"``, ``"lock_free"`` or ``"sync"``.
+      batch_size: examples per gradient when ``data`` is arrays.
+      straggler: extra compute time per gradient, a :class:`Straggler`, or ``None``.
+      time_limit: wall-clock seconds after which the run stops (a worker finishes the
+        gradient it is computing, discards it and stops), or ``None``.
+      seed: an int or a single PRNG key: the data streams and random straggler times.
+      record_pushes: keep a copy of every applied push (for tests and replays; memory grows
+        with ``steps``).
+      progress: show a tqdm progress bar.
+      shutdown_timeout: seconds to wait for the threads after the run stops before
+        reporting a thread stuck in user code as an error.
+
+    Returns:
+      A :class:`HogwildResult` (final params, optimizer state, metrics, trace, pushes).
+
+    References:
+      Niu, Recht, Ré, Wright, "Hogwild!", NeurIPS 2011 (arXiv 1106.5730).
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"`loss_fn` must be callable, got {loss_fn!r}.")
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(f"`optimizer` must be an optax transformation, got {optimizer!r}.")
+    if mode not in MODES:
+        raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
+    num_workers = check_min_int("num_workers", num_workers, 1)
+    steps = check_optional(check_min_int, "steps", steps, 1)
+    time_limit = check_optional(check_real, "time_limit", time_limit, strict=True, unit="seconds")
+    if steps is None and time_limit is None:
+        raise ValueError("Give `steps`, `time_limit` or both: the run needs an end.")
+    shutdown_timeout = check_real("shutdown_timeout", shutdown_timeout, unit="seconds")
+    if straggler is not None and not isinstance(straggler, Straggler):
+        raise TypeError(f"`straggler` must be a Straggler or None, got {straggler!r}.")
+    if straggler is not None:
+        straggler.means(num_workers)  # validates against num_workers
+    _check_params(params)
+    if callable(data):
+        if batch_size is not None:
+            raise ValueError("`batch_size` applies to array data; a data function sets it.")
+    else:
+        leaves = jax.tree.leaves(data)
+        if not leaves:
+            raise ValueError("`data` must be a non-empty pytree of arrays or a function.")
+        sizes = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
+        if len(sizes) != 1 or None in sizes or 0 in sizes:
+            raise ValueError(
+                f"`data` leaves must share a non-empty leading example axis, got sizes {sizes}."
+            )
+        if batch_size is None:
+            raise ValueError("`batch_size` is required when `data` is a pytree of arrays.")
+        batch_size = check_min_int("batch_size", batch_size, 1)
+    key = _as_key("seed", seed)
+
+    step = make_step(loss_fn, optimizer)
+    server = SERVERS[mode](
+        step, params, num_workers=num_workers, steps=steps, record_pushes=record_pushes
+    )
+    straggler_table = None
+    if straggler is not None:
+        straggler_table = straggler.table(
+            jax.random.fold_in(key, 0x5747), num_workers, STRAGGLER_TABLE
+        )
+    run = Run(server, data, key=key, straggler_table=straggler_table)
+    data_arrays = None if callable(data) else jax.tree.map(jnp.asarray, data)
+    # Compile in the calling thread (tracing errors surface here, threads never compile
+    # concurrently), once per model/optimizer/shape combination.
+    spec = _programs.WorkerSpec(
+        step=step,
+        worker_optimizer=server.worker_optimizer,
+        treedef=server.treedef,
+        params=tuple((x.shape, x.dtype) for x in server.initial),
+        batch_treedef=run.batch_treedef,
+        batch=run.batch_shapes,
+        batch_size=None if callable(data) else batch_size,
+    )
+    opt_state_struct = jax.eval_shape(server.worker_opt_state)
+    compiled = _programs.compile_worker(spec, data_arrays, key, run.batch_structs, opt_state_struct)
+    server.compile()
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=f"hogwild {mode} ×{num_workers}", unit="update")
+    wall_time, worker_states = run.execute(
+        compiled,
+        data_arrays,
+        time_limit=time_limit,
+        shutdown_timeout=shutdown_timeout,
+        progress=bar,
+    )
+    metrics = summarize(
+        server.trace(),
+        mode=mode,
+        gradients_per_worker=np.asarray(run.local_steps, np.int64),
+        wall_time=wall_time,
+        stopped_by=run.stop_reason or "steps",
+        torn_reads=server.torn_reads,
+        overlapping_writes=server.overlapping_writes,
+        write_residual=server.write_residual(),
+    )
+    return HogwildResult(
+        params=server.final_params(),
+        opt_state=server.final_opt_state(worker_states),
+        metrics=metrics,
+        trace=server.trace(),
+        pushes=server.stacked_pushes(),
+    )
+
+
+def _check_params(params: Any) -> None:
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    if not leaves:
+        raise ValueError("`params` must contain at least one array.")
+    for path, leaf in leaves:
+        dtype = jnp.asarray(leaf).dtype
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(
+                f"`params` leaf {jax.tree_util.keystr(path) or '(root)'} has dtype {dtype}: "
+                "hogwild differentiates the loss with respect to every parameter, so every "
+                "leaf must be a floating-point array (e.g. cast it with .astype(jnp.float32))."
+            )
+
+
+def _as_key(name: str, seed: Any) -> jax.Array:
+    """``seed`` as a PRNG key: an int seed, or a single (typed or raw uint32[2]) key."""
+    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+        return jax.random.key(int(seed))
+    if isinstance(seed, jax.Array | np.ndarray):
+        if jnp.issubdtype(seed.dtype, jax.dtypes.prng_key) and seed.shape == ():
+            return seed
+        if seed.dtype == np.uint32 and seed.shape == (2,):
+            return seed  # a raw key: jax.random accepts it as it is
+        if seed.shape == () and jnp.issubdtype(seed.dtype, jnp.integer):
+            return jax.random.key(int(seed))
+    raise TypeError(
+        f"`{name}` must be an int or a single PRNG key (jax.random.key(...)), got {seed!r}."
+    )
