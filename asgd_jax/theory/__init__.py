@@ -61,10 +61,12 @@ from asgd_jax.theory._scheduling import (
     worker_delay,
     worker_staleness,
 )
+from asgd_jax.theory._step_size import StepSize, hessian_max_eigenvalue, step_size
 
 __all__ = [
     "DelayLaw",
     "OptimalWorkers",
+    "StepSize",
     "WorkerPrediction",
     "cycle_mean",
     "optimal_num_workers",
@@ -92,11 +94,13 @@ __all__ = [
     "exponential_delay",
     "gamma_delay",
     "geometric_spectral_radius",
+    "hessian_max_eigenvalue",
     "hitting_time",
     "is_stable",
     "rightmost_root",
     "shifted_delay",
     "staleness_delay",
     "stationary_variance",
+    "step_size",
     "uniform_delay",
 ]
