@@ -109,6 +109,67 @@ def test_cnn_on_cifar_shapes_and_explicit_padding():
         init_shapes(models.cnn(), (64,))
 
 
+def _reduce_window_pool(x):
+    import flax.linen as nn
+
+    return nn.max_pool(x, (2, 2), strides=(2, 2))
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (3, 7, 9, 2), (1, 2, 2, 1)])
+def test_max_pool_forward_equals_reduce_window(shape):
+    x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    pooled = jax.jit(models.max_pool_2x2)(x)
+    assert pooled.shape == (shape[0], shape[1] // 2, shape[2] // 2, shape[3])
+    np.testing.assert_array_equal(pooled, _reduce_window_pool(x))
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (3, 7, 9, 2)])
+def test_max_pool_gradient_equals_reduce_window_without_ties(shape):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape).astype(np.float32)
+    rows, cols = shape[1] // 2, shape[2] // 2
+    windows = x[:, : 2 * rows, : 2 * cols].reshape(shape[0], rows, 2, cols, 2, shape[3])
+    top_two = np.sort(windows.transpose(0, 1, 3, 5, 2, 4).reshape(-1, 4), axis=1)[:, -2:]
+    assert np.all(top_two[:, 0] < top_two[:, 1])  # no window has a tied maximum
+    cotangent = rng.standard_normal((shape[0], rows, cols, shape[3])).astype(np.float32)
+    (ours,) = jax.vjp(models.max_pool_2x2, x)[1](cotangent)
+    (reference,) = jax.vjp(_reduce_window_pool, x)[1](cotangent)
+    np.testing.assert_array_equal(ours, reference)
+
+
+def test_max_pool_gradient_splits_ties():
+    # One 2×2 window with all four entries equal, one with two tied maxima.
+    x = np.array([[1.0, 1.0, 5.0, 0.0], [1.0, 1.0, 5.0, -1.0]], np.float32)[None, :, :, None]
+    cotangent = np.array([[[[8.0], [6.0]]]], np.float32)
+    (ours,) = jax.vjp(models.max_pool_2x2, x)[1](cotangent)
+    expected = np.array([[2.0, 2.0, 3.0, 0.0], [2.0, 2.0, 3.0, 0.0]], np.float32)
+    np.testing.assert_array_equal(ours[0, :, :, 0], expected)
+    (reference,) = jax.vjp(_reduce_window_pool, x)[1](cotangent)
+    # reduce_window gives each window's gradient to one of the tied elements; both keep the sum.
+    assert sorted(np.asarray(reference)[0, :, :2, 0].ravel().tolist()) == [0.0, 0.0, 0.0, 8.0]
+    np.testing.assert_array_equal(ours.sum(), reference.sum())
+
+
+def test_cnn_matches_reduce_window_pooling(monkeypatch):
+    model = models.cnn(channels=(3, 4), hidden_size=6)
+    rng = np.random.default_rng(4)
+    abstract = jax.eval_shape(lambda key: model.init(key, (12, 12, 1)), KEY)
+    params = jax.tree_util.tree_map(
+        lambda a: 0.3 * rng.standard_normal(a.shape).astype(np.float32), abstract
+    )
+    batch = (rng.uniform(size=(5, 12, 12, 1)).astype(np.float32), np.arange(5) % 10)
+    logits, grads = jax.jit(lambda p: (model.apply(p, batch[0]), jax.grad(model.loss)(p, batch)))(
+        params
+    )
+    monkeypatch.setattr(models, "max_pool_2x2", _reduce_window_pool)
+    old = models.cnn(channels=(3, 4), hidden_size=6)
+    old_logits, old_grads = jax.jit(
+        lambda p: (old.apply(p, batch[0]), jax.grad(old.loss)(p, batch))
+    )(params)
+    np.testing.assert_array_equal(logits, old_logits)
+    chex.assert_trees_all_close(grads, old_grads, rtol=1e-6, atol=1e-7)
+
+
 # One small model and input shape shared by the numerical tests, so that the jitted init,
 # loss and steps compile once for the whole file.
 MLP = models.mlp((8,), num_classes=4)
