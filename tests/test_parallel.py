@@ -345,3 +345,53 @@ def test_placement_never_aliases_the_callers_buffers():
     params = {"w": jax.device_put(jnp.ones((4, 3)), jax.sharding.NamedSharding(mesh, P()))}
     placed = parallel.replicate(params, mesh)
     assert placed["w"].unsafe_buffer_pointer() != params["w"].unsafe_buffer_pointer()
+
+
+def test_one_device_per_worker_reads_low_precision_and_predicted_snapshots_like_one_device():
+    # A bfloat16 history with weight prediction: every worker's snapshot must be rounded and
+    # extrapolated exactly as the single-device step reads it from the history.
+    num_devices, num_updates = 4, 12
+    make = lambda: asgd.stale(  # noqa: E731
+        optax.sgd(0.3, momentum=0.5),
+        delays.round_robin(num_devices),
+        history_dtype=jnp.bfloat16,
+        weight_prediction=True,
+    )
+    schedule = parallel.round_robin_schedule(num_devices, num_updates)
+    mesh = parallel.data_mesh(num_devices, "workers")
+    tx = make()
+    params, state = parallel.shard_init(tx, _params(), mesh, axis_name="workers")
+    run = parallel.one_device_per_worker(_loss, tx, mesh)
+    batches = _local_batches(num_updates)
+    params, state, losses = run(params, state, batches, schedule)
+    ref_params, ref_state, ref_losses, ref_taus = _sequential(
+        make(), _params(), batches, num_updates
+    )
+    np.testing.assert_array_equal(ref_taus, schedule.staleness)
+    _close(params, ref_params)
+    np.testing.assert_allclose(losses, ref_losses, rtol=RTOL, atol=ATOL)
+    assert params["w1"].dtype == jnp.float32
+    assert int(asgd.staleness(state)) == int(asgd.staleness(ref_state))
+
+
+def test_package_reads_the_stale_state_only_through_public_readers():
+    import pathlib
+
+    package = pathlib.Path(parallel.__file__).parent
+    sources = {path.name: path.read_text() for path in package.glob("*.py")}
+    assert {"_placement.py", "_data_parallel.py", "_device_per_worker.py"} <= set(sources)
+    for name, text in sources.items():
+        for needle in ("_replace(", "history_lib", "import history", "StaleState", ".delay_state"):
+            assert needle not in text, f"{name} reaches into the stale state: {needle!r}"
+        assert len(text.splitlines()) <= 400, f"{name} is over 400 lines"
+
+
+def test_launch_local_checks_its_arguments_before_starting_anything():
+    with pytest.raises(ValueError, match="`timeout` must be finite and > 0"):
+        parallel.launch_local("timeit", timeout=0)
+    with pytest.raises(ValueError, match=r"`initialization_timeout` must be in \[1, ∞\]"):
+        parallel.launch_local("timeit", initialization_timeout=0)
+    with pytest.raises(ValueError, match=r"`num_processes` must be in \[1, ∞\], got 0"):
+        parallel.launch_local("timeit", num_processes=0)
+    with pytest.raises(TypeError, match="`axis_name` must be a non-empty str"):
+        parallel.pmap_step(_loss, optax.sgd(0.1), axis_name="")
