@@ -26,43 +26,51 @@ def _first_element(x: jax.Array) -> jax.Array:
     return jax.lax.dynamic_slice(x.reshape(-1), (0,), (1,))[0]
 
 
-def _float_leaves(tree: Any) -> list[jax.Array]:
-    return [x for x in jax.tree.leaves(tree) if x.size and jnp.issubdtype(x.dtype, jnp.inexact)]
+def _depends_on(tree: Any) -> jax.Array:
+    """A bool computed from one element of every inexact leaf: data-dependent on each."""
+    flag = jnp.asarray(False)
+    for x in jax.tree.leaves(tree):
+        if x.size and jnp.issubdtype(x.dtype, jnp.inexact):
+            flag = flag | jnp.isnan(_first_element(x))
+    return flag
 
 
-# Why the two functions below exist. The train step reads snapshot t − τ_t from the buffer
-# (inside the gradient) and update() then writes W_t into the same buffer; with the state
-# and params donated, XLA reuses every buffer in place only if data dependencies prove that
-# (a) the read happens before the write and (b) W_t is copied into the buffer before the
-# caller's apply_updates overwrites W_t. Without them it copies the whole buffer every step
-# (seen: 40× slower at K = 128) or the parameters (seen: ~20 % of a small MLP's step). Both
-# dependencies are exact no-ops on finite values.
+# Why `_ordered_write` exists. The train step reads snapshot t − τ_t from the buffer (inside
+# the gradient) and update() then writes W_t into the same buffer; with the state and params
+# donated, XLA reuses every buffer in place only if data dependencies prove that (a) the read
+# happens before the write and (b) W_t is copied into the buffer before the caller's
+# apply_updates overwrites W_t. Without them it copies the whole buffer every step (seen: 40×
+# slower at K = 128) or the parameters (seen: ~20 % of a small MLP's step); an
+# optimization barrier orders them too, but XLA:CPU then copies every buffer through it.
+#
+# Both dependencies are selects whose predicate is `data-dependent flag & (t < 0)`. The step
+# counter t starts at 0 and only grows (safe_int32_increment), so the predicate is False for
+# every value the updates, the parameters or the buffer may hold (NaN and inf included) and
+# the selects return their second operand bit for bit; XLA cannot prove t ≥ 0, so the
+# dependencies survive optimization.
 
 
-def _gradient_is_finite(updates: Any) -> jax.Array:
-    """A flag computed from every update leaf, hence data-dependent on the gradient."""
-    ready = jnp.asarray(True)
-    for u in _float_leaves(updates):
-        ready = ready & ~jnp.isnan(_first_element(u))
-    return ready
-
-
-def _after_write(updates: Any, history: Any, slot: jax.Array) -> Any:
-    """``where(isnan(h), nan, u)`` per leaf, ``h`` an element of W_t just written: bitwise ``u``
-    unless W_t is already NaN (then W_{t+1} is NaN anyway)."""
+def _ordered_write(history: Any, params: Any, step: jax.Array, updates: Any) -> tuple[Any, Any]:
+    """``(history with W_t in slot t mod K, updates)``, ordered as explained above."""
+    num_slots = history_lib.size(history)
+    never = step < 0
+    # (a) The slot waits for the updates, hence for the gradient and this step's read.
+    slot = jnp.where(_depends_on(updates) & never, 0, step % num_slots)
+    history = history_lib.write(history, params, slot)
+    # (b) Each update leaf waits for one element of the snapshot just written.
     u_leaves, treedef = jax.tree.flatten(updates)
     h_leaves = jax.tree.leaves(history)
     if len(u_leaves) != len(h_leaves):
-        return updates
+        return history, updates
     ordered = []
     for u, h in zip(u_leaves, h_leaves, strict=True):
         if u.size and jnp.issubdtype(u.dtype, jnp.inexact) and h.shape[1:] == u.shape:
             # One element of snapshot `slot` (a size-1 slice: under vmap a 1-element gather).
             start = (slot,) + (0,) * (h.ndim - 1)
             written = jax.lax.dynamic_slice(h, start, (1,) * h.ndim).reshape(())
-            u = jnp.where(jnp.isnan(written), jnp.asarray(jnp.nan, u.dtype), u)
+            u = jnp.where(jnp.isnan(written) & never, jnp.zeros_like(u), u)
         ordered.append(u)
-    return jax.tree.unflatten(treedef, ordered)
+    return history, jax.tree.unflatten(treedef, ordered)
 
 
 def stale(
@@ -198,11 +206,8 @@ def stale(
         next_tau, delay_state = delay.next(state.delay_state)
         next_tau = jnp.minimum(next_tau, max_delay).astype(jnp.int32)
         if num_slots:
-            # Write W_t into slot t mod K. The slot is gated on the gradient (an exact no-op
-            # for finite gradients) so the write provably follows this step's read.
-            slot = jnp.where(_gradient_is_finite(new_updates), step, 0) % num_slots
-            history = history_lib.write(state.history, params, slot)
-            new_updates = _after_write(new_updates, history, slot)
+            # W_t goes into slot t mod K whatever the updates hold (NaN, inf, zeros).
+            history, new_updates = _ordered_write(state.history, params, step, new_updates)
         else:
             history = ()
         stale_step = jnp.maximum(step + 1 - next_tau, 0)
