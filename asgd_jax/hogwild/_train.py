@@ -28,7 +28,8 @@ __all__ = ["MODES", "SERVERS", "train"]
 SERVERS: dict[str, type[Server]] = {
     cls.mode: cls for cls in (LockedServer, LockFreeServer, SyncServer)
 }
-MODES = ("locked", "lock_free", "sync")
+"""The consistency modes, each a :class:`Server` subclass."""
+MODES = tuple(SERVERS)  # ("locked", "lock_free", "sync")
 
 
 def train(
