@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -44,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from asgd_jax._validation import check_min_int as _check_min_int
+from asgd_jax._validation import check_min_int
 
 __all__ = [
     "MODELS",
@@ -120,7 +119,7 @@ class Model:
 
         Pure in ``key``; can be ``jax.vmap``-ed over keys (keep ``input_shape`` static).
         """
-        return _init_params(self.module, key, _check_shape(input_shape))
+        return _init_params(self.module, key, _input_shape(input_shape))
 
     def apply(self, params: Params, x: jax.Array) -> jax.Array:
         """Logits ``float32[B, num_classes]`` for a batch ``x[B, *input_shape]``."""
@@ -155,9 +154,7 @@ class Model:
         if batch_size is None or batch_size >= num:
             logits = self.apply(params, x)
             return loss_fn(logits, y), accuracy(logits, y)
-        batch_size = operator.index(batch_size)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
+        batch_size = check_min_int("batch_size", batch_size, 1)
         num_chunks = -(-num // batch_size)
         pad = num_chunks * batch_size - num
         x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
@@ -254,14 +251,16 @@ class _HogwildCNN(nn.Module):
 # Constructors.
 
 
-def _check_sizes(name: str, values: Any) -> tuple[int, ...]:
+def _positive_ints(name: str, values: Any) -> tuple[int, ...]:
+    """``values`` as a tuple of ints ``>= 1``; a sequence, not a bare int or a string."""
     if isinstance(values, int | str) or not isinstance(values, Sequence):
         raise TypeError(f"{name} must be a sequence of ints, got {values!r}")
-    return tuple(_check_min_int(f"{name}[{i}]", v, 1) for i, v in enumerate(values))
+    return tuple(check_min_int(f"{name}[{i}]", v, 1) for i, v in enumerate(values))
 
 
-def _check_shape(input_shape: Any) -> tuple[int, ...]:
-    shape = _check_sizes("input_shape", input_shape)
+def _input_shape(input_shape: Any) -> tuple[int, ...]:
+    """One example's shape: at least one dimension, each ``>= 1``."""
+    shape = _positive_ints("input_shape", input_shape)
     if not shape:
         raise ValueError("input_shape must have at least one dimension, got ()")
     return shape
@@ -276,7 +275,7 @@ def logistic_regression(num_classes: int = 10) -> Model:
     Returns:
       A :class:`Model` with parameters ``{'logits': {'kernel', 'bias'}}``.
     """
-    num_classes = _check_min_int("num_classes", num_classes, 2)
+    num_classes = check_min_int("num_classes", num_classes, 2)
     return Model("logistic_regression", _MLP((), num_classes), num_classes)
 
 
@@ -294,10 +293,10 @@ def mlp(
     Returns:
       A :class:`Model` with parameters ``{'hidden_0', …, 'logits'}``, each ``{'kernel', 'bias'}``.
     """
-    hidden_sizes = _check_sizes("hidden_sizes", hidden_sizes)
+    hidden_sizes = _positive_ints("hidden_sizes", hidden_sizes)
     if not hidden_sizes:
         raise ValueError("hidden_sizes must name at least one layer; use logistic_regression")
-    num_classes = _check_min_int("num_classes", num_classes, 2)
+    num_classes = check_min_int("num_classes", num_classes, 2)
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {tuple(_ACTIVATIONS)}, got {activation!r}")
     name = f"mlp({','.join(map(str, hidden_sizes))})"
@@ -331,11 +330,11 @@ def cnn(
     References:
       Niu et al., *Hogwild!*, NeurIPS 2011 (arXiv 1106.5730); pytorch/examples mnist_hogwild.
     """
-    num_classes = _check_min_int("num_classes", num_classes, 2)
-    channels = _check_sizes("channels", channels)
+    num_classes = check_min_int("num_classes", num_classes, 2)
+    channels = _positive_ints("channels", channels)
     if len(channels) != 2:
         raise ValueError(f"channels must have two entries (one per convolution), got {channels}")
-    hidden_size = _check_min_int("hidden_size", hidden_size, 1)
+    hidden_size = check_min_int("hidden_size", hidden_size, 1)
     if padding not in _PADDINGS:
         raise ValueError(f"padding must be one of {_PADDINGS}, got {padding!r}")
     module = _HogwildCNN(num_classes, channels, hidden_size, padding)
