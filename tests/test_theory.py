@@ -437,3 +437,110 @@ def test_variance_floor_against_simulation():
     losses = jax.jit(jax.vmap(one))(jax.random.split(jax.random.key(3), 32))
     measured = float(jnp.mean(losses[:, 1000:]))
     assert measured == pytest.approx(pred.stationary_loss, rel=0.1)  # O(ηh) + sampling
+
+
+# --------------------------------------------------------------------------------------------
+# The fixed computation model (Rennala, Ringmaster, the lower bound).
+
+
+def test_rennala_round_time_is_the_smallest_time_with_s_gradients():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        tau = rng.uniform(0.2, 5.0, size=rng.integers(1, 9))
+        batch = int(rng.integers(1, 30))
+        exact = th.rennala_round_time(tau, batch)
+        # Brute force over every multiple c·τ_i up to the time worker 1 alone needs.
+        candidates = np.sort((np.arange(1, batch + 1)[:, None] * tau[None, :]).ravel())
+        counts = np.floor(candidates[:, None] / tau[None, :] + 1e-12).sum(axis=1)
+        assert exact == candidates[np.argmax(counts >= batch)]
+        bounds = th.rennala_round_bounds(tau, batch)
+        assert bounds.lower <= exact <= bounds.upper <= bounds.upper_without_stops
+        assert bounds.upper_without_stops <= 2 * bounds.upper
+    # Equal workers: ⌈S/n⌉ rounds of τ; one worker: S·τ.
+    assert th.rennala_round_time([2.0] * 4, 9) == 6.0
+    assert th.rennala_round_time([0.5], 7) == 3.5
+
+
+def test_harmonic_means_and_ringmaster_bound():
+    tau = [4.0, 1.0, 2.0]
+    np.testing.assert_allclose(th.harmonic_means(tau), [1.0, 2 / 1.5, 3 / 1.75])
+    # 2 min_m (R + m)/Σ_{i≤m} 1/τ_i with R = 3: m = 1 → 4, m = 2 → 10/3, m = 3 → 24/7.
+    assert th.ringmaster_time_bound(tau, 3) == pytest.approx(2 * 10 / 3)
+    assert th.ringmaster_time_bound(tau, 3, 7) == pytest.approx(3 * 2 * 10 / 3)
+    assert th.ringmaster_threshold(2.0, 0.3) == 7 and th.ringmaster_threshold(0.0, 1.0) == 1
+
+
+def test_time_to_epsilon_side_by_side():
+    problem = dict(smoothness=1.0, initial_gap=1.0, noise_variance=1.0, epsilon=0.1)
+    slow = th.time_to_epsilon([1, 1, 1, 1, 50], **problem)
+    assert slow.batch_size == slow.threshold == 10 and slow.num_fastest == 4
+    # One straggler: synchronous SGD waits for it, Rennala and Ringmaster ignore it.
+    assert slow.rennala < slow.rennala_without_stops < slow.synchronous
+    assert slow.ringmaster < slow.asgd
+    orders = th.time_complexities([1, 1, 1, 1, 50], **problem)
+    assert orders["rennala"] == orders["ringmaster"] == orders["lower_bound"] == slow.lower_bound
+    assert orders["lower_bound"] < orders["asgd"] < orders["synchronous"]
+    # τ_i = 1 + √i: the optimum uses a fraction of the 100 workers.
+    profile = th.time_to_epsilon(1 + np.sqrt(np.arange(1, 101)), **problem)
+    assert 1 < profile.num_fastest < 100
+    with pytest.raises(ValueError, match="compute_times"):
+        th.time_to_epsilon([1.0, 0.0], **problem)
+    with pytest.raises(ValueError, match="compute_times"):
+        th.rennala_round_time([1.0, float("nan")], 3)
+    with pytest.raises(ValueError, match="batch_size"):
+        th.rennala_round_time([1.0], 0)
+    with pytest.raises(ValueError, match="threshold"):
+        th.ringmaster_time_bound([1.0], 0)
+    with pytest.raises(ValueError, match="epsilon"):
+        th.time_to_epsilon([1.0], **{**problem, "epsilon": 0.0})
+
+
+# --------------------------------------------------------------------------------------------
+# Bad inputs and exactness at double roots.
+
+
+@pytest.mark.parametrize("tau", [1, 3, 8, 30])
+def test_spectral_radius_exact_and_fast_at_and_near_the_double_root(tau):
+    import time
+
+    a_star = tau**tau / (tau + 1) ** (tau + 1)  # x_{t+1} = x_t − a x_{t−τ} decays fastest
+    pmf = np.eye(tau + 1)[tau]
+    start = time.perf_counter()
+    assert th.discrete_spectral_radius(a_star, pmf) == pytest.approx(tau / (tau + 1), rel=1e-12)
+    for rel in (1e-12, -1e-12, -1e-9, 1e-6, -1e-6):
+        a = a_star * (1 + rel)
+        exact = np.max(np.abs(np.roots(np.r_[1.0, -1.0, np.zeros(tau - 1), a])))
+        assert th.discrete_spectral_radius(a, pmf) == pytest.approx(exact, rel=1e-7)
+    assert time.perf_counter() - start < 5.0  # was 6–14 s per call (bisection fallback)
+
+
+def test_pmf_and_trace_are_explicit_arguments():
+    assert th.discrete_spectral_radius(0.25, pmf=[0, 1]) == pytest.approx(0.5)
+    assert th.discrete_spectral_radius(0.25, [0.0, 1.0]) == pytest.approx(0.5)  # floats: pmf
+    as_trace = th.discrete_spectral_radius(0.25, trace=[0, 1])
+    assert as_trace == pytest.approx(th.discrete_spectral_radius(0.25, pmf=[0.5, 0.5]))
+    with pytest.warns(DeprecationWarning, match="trace="):  # ambiguous: read as before, warned
+        assert th.discrete_spectral_radius(0.25, [0, 1]) == as_trace
+    np.testing.assert_array_equal(th.accepted_weights(pmf=[2, 0, 6]), [0.25, 0.0, 0.75])
+    with pytest.raises(TypeError, match="once"):
+        th.discrete_critical_gain([0.5, 0.5], pmf=[0.5, 0.5])
+    with pytest.raises(TypeError, match="once"):
+        th.discrete_critical_gain()
+    with pytest.raises(ValueError, match="trace"):
+        th.discrete_critical_gain(trace=[0.5, 1.0])
+    law = th.staleness_delay(trace=[1, 1], update_rate=2.0)
+    assert law.mean == pytest.approx(0.75)
+
+
+def test_worker_theory_rejects_bad_compute_times_and_worker_counts():
+    for bad in (-1.0, 0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="compute_time"):
+            th.worker_staleness(4, compute_time=bad)
+        with pytest.raises(ValueError, match="compute_time"):
+            th.worker_delay(4, bad)
+    with pytest.raises(TypeError, match="num_workers"):
+        th.optimal_num_workers(0.1, [1.0], 1.0, 0.1, num_workers=[2.5])
+    with pytest.raises(ValueError, match="communication"):
+        th.worker_staleness(4, 1.0, communication=-0.5)
+    grid = th.optimal_num_workers(0.1, [1.0], 1.0, 0.1, num_workers=[2.0, np.int64(3)]).grid
+    np.testing.assert_array_equal(grid, [2, 3])

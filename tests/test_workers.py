@@ -498,15 +498,14 @@ def test_sorted_path_matches_float64_reference():
 
 
 def test_sorted_path_extends_past_a_short_horizon():
-    # Too few cycles drawn: the updates beyond the horizon come from the event loop.
-    from asgd_jax.workers._simulate import _simulate_sorted
-
-    model = workers.parameter_server(
-        5, workers.exponential(1.0), protocol="k_async", k=2, max_delay=60
-    )
-    events = _np(workers.simulate(model, KEY, 300, method="events"))
-    for cycles in (1, 20):
-        short = _np(_simulate_sorted(model, KEY, 300, cycles))
+    # Infinite-mean Pareto cycles: the luckiest worker's horizon covers only 264 (key 0) and
+    # 233 (key 1) of the 300 arrivals the default cycle count aims at, so the public sorted
+    # path finishes these runs with the event loop from the state at the horizon.
+    for alpha, seed in ((0.3, 0), (0.5, 1)):
+        model = workers.parameter_server(8, workers.pareto(1.0, alpha), max_delay=4000)
+        key = jax.random.key(seed)
+        events = _np(workers.simulate(model, key, 300, method="events"))
+        short = _np(workers.simulate(model, key, 300, method="sorted"))
         np.testing.assert_array_equal(short.staleness, events.staleness)
         np.testing.assert_array_equal(short.worker, events.worker)
         np.testing.assert_allclose(short.time, events.time, rtol=1e-5)
@@ -522,3 +521,185 @@ def test_simulate_method_validation():
     chex.assert_trees_all_equal(
         workers.simulate(ssp, KEY, 50), workers.simulate(ssp, KEY, 50, method="events")
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Rennala SGD and Ringmaster ASGD (fixed computation model: deterministic τ_i).
+
+SQRT_PROFILE = (1.0 + np.sqrt(np.arange(1, 9))).astype(np.float32)  # τ_i = 1 + √i, n = 8
+
+
+def _fixed(taus, **kwargs):
+    taus = np.asarray(taus, np.float32)
+    return workers.parameter_server(taus.size, 1.0, speeds=1.0 / taus.astype(np.float64), **kwargs)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8, 20])
+def test_rennala_round_time_is_the_fixed_model_formula(batch):
+    # With stops every round starts afresh: each lasts min{t : Σ_i ⌊t/τ_i⌋ ≥ S}.
+    exact = asgd.theory.rennala_round_time(SQRT_PROFILE, batch)
+    bounds = asgd.theory.rennala_round_bounds(SQRT_PROFILE, batch)
+    assert bounds.lower <= exact <= bounds.upper
+    model = _fixed(SQRT_PROFILE, protocol="rennala", k=batch, stops=True)
+    assert model.max_delay == 0 and model.k == batch and model.mean_staleness == 0.0
+    trace = _np(workers.simulate(model, KEY, 40))
+    np.testing.assert_allclose(np.diff(trace.time, prepend=0.0), exact, rtol=1e-5)
+    np.testing.assert_array_equal(trace.staleness, 0)
+    assert trace.stopped.sum() > 0 or batch == 1
+    # Without stops the first round is the same; later ones finish stale work first, within
+    # min_m (S + 2m)/Σ_{i≤m} 1/τ_i, and the stale gradients are discarded (counted).
+    plain = _np(workers.simulate(_fixed(SQRT_PROFILE, protocol="rennala", k=batch), KEY, 40))
+    rounds = np.diff(plain.time, prepend=0.0)
+    assert rounds[0] == pytest.approx(exact, rel=1e-5)
+    assert np.all(rounds <= bounds.upper_without_stops * (1 + 1e-5))
+    np.testing.assert_array_equal(plain.staleness, 0)
+    np.testing.assert_array_equal(plain.stopped, 0)
+    assert plain.dropped.sum() > 0
+
+
+def test_rennala_with_a_full_batch_of_equal_workers_is_synchronous_sgd():
+    n = 5
+    sync = _np(workers.simulate(workers.parameter_server(n, 1.5, protocol="k_sync"), KEY, 30))
+    model = workers.parameter_server(n, 1.5, protocol="rennala", k=n, stops=True)
+    rennala = _np(workers.simulate(model, KEY, 30))
+    for name in ("staleness", "time", "worker", "version", "clipped"):
+        np.testing.assert_array_equal(getattr(rennala, name), getattr(sync, name), err_msg=name)
+    # k_sync cancels nothing (all n finish together); Rennala stops the n − 1 second jobs.
+    np.testing.assert_array_equal(rennala.dropped, 0)
+    np.testing.assert_array_equal(rennala.stopped, n - 1)
+
+
+@pytest.mark.parametrize("stops", [False, True])
+@pytest.mark.parametrize("threshold", [1, 4, 16])
+def test_ringmaster_delays_stay_below_r_and_obey_lemma_4_1(threshold, stops):
+    taus = (1.0 + np.sqrt(np.arange(1, 17))).astype(np.float32)
+    model = _fixed(taus, protocol="ringmaster", threshold=threshold, stops=stops)
+    assert model.max_delay <= threshold - 1
+    events = _np(workers.simulate_events(model, KEY, 3_000))
+    assert np.all(events.staleness[events.accepted] < threshold)
+    if stops:  # a computation is stopped the moment its delay reaches R: none is ignored
+        assert events.accepted.all() and events.stopped.sum() > 0
+    trace = _np(workers.simulate(model, KEY, 1_000))
+    assert trace.staleness.max() < threshold
+    # Lemma 4.1: any R consecutive updates (the first R from time 0) take ≤ 2 min_m H_m(1+R/m).
+    bound = asgd.theory.ringmaster_time_bound(taus, threshold)
+    times = np.concatenate([[0.0], trace.time.astype(np.float64)])
+    windows = times[threshold:] - times[:-threshold]
+    assert windows.max() <= bound * (1 + 1e-5)
+    k = trace.time.size
+    assert times[-1] <= asgd.theory.ringmaster_time_bound(taus, threshold, k) * (1 + 1e-5)
+
+
+def test_one_very_slow_worker_asgd_delays_in_the_hundreds_ringmaster_below_r():
+    taus = [1.0, 1.0, 1.0, 1.0, 50.0]
+    asgd_trace = _np(workers.simulate(_fixed(taus), KEY, 300))
+    assert asgd_trace.staleness.max() >= 100  # the slow worker's gradient is ~200 updates old
+    for stops in (False, True):
+        model = _fixed(taus, protocol="ringmaster", threshold=4, stops=stops)
+        trace = _np(workers.simulate(model, KEY, 300))
+        assert trace.staleness.max() < 4
+        # The server still runs at the speed of the four fast workers.
+        assert trace.time[-1] == pytest.approx(asgd_trace.time[-1], rel=0.05)
+
+
+@pytest.mark.parametrize("threshold", [None, math.inf])
+@pytest.mark.parametrize("stops", [False, True])
+def test_ringmaster_without_a_threshold_is_asgd_bit_for_bit(threshold, stops):
+    law = workers.lognormal(0.0, 1.0)
+    kwargs = dict(num_slow=2, max_delay=120)
+    plain = workers.parameter_server(6, law, **kwargs)
+    ring = workers.parameter_server(
+        6, law, protocol="ringmaster", threshold=threshold, stops=stops, **kwargs
+    )
+    chex.assert_trees_all_equal(
+        workers.simulate(ring, KEY, 2_000), workers.simulate(plain, KEY, 2_000)
+    )
+    assert ring.update_rate == plain.update_rate and ring.pmf is plain.pmf is None
+
+    params = {"w": jnp.linspace(-1.0, 1.0, 4)}
+    loss = lambda p, batch: 0.5 * jnp.sum((p["w"] - batch) ** 2)
+    batches = jax.random.normal(jax.random.key(3), (50, 4))
+    results = []
+    for model in (plain, ring):
+        tx = asgd.stale(optax.sgd(0.1), delay=model, seed=2)
+        step = asgd.make_step(loss, tx)
+
+        def body(carry, batch, step=step):
+            p, s, _ = step(*carry, batch)
+            return (p, s), None
+
+        results.append(
+            jax.jit(lambda p: jax.lax.scan(body, (p, tx.init(p)), batches)[0][0])(params)
+        )
+    chex.assert_trees_all_equal(*results)
+
+
+def test_rennala_and_ringmaster_drive_stale_with_their_counters():
+    law = workers.exponential(1.0)
+    params = {"w": jnp.ones(3)}
+    loss = lambda p: 0.5 * jnp.sum(p["w"] ** 2)
+    for model in (
+        workers.parameter_server(4, law, num_slow=1, protocol="rennala", k=3),
+        workers.parameter_server(
+            4, law, num_slow=1, protocol="ringmaster", threshold=2, stops=True
+        ),
+    ):
+        tx = asgd.stale(optax.sgd(0.1), delay=model, seed=5)
+        step = asgd.make_step(loss, tx)
+
+        def body(carry, _, step=step):
+            tau = asgd.staleness(carry[1])  # the τ this update's gradient is taken with
+            p, s, _ = step(*carry)
+            return (p, s), tau
+
+        (params_out, state), taus = jax.jit(
+            lambda p, tx=tx, body=body: jax.lax.scan(body, (p, tx.init(p)), None, length=60)
+        )(params)
+        expected = workers.simulate(model, jax.random.key(5), 60).staleness
+        np.testing.assert_array_equal(taus, expected)
+        report = asgd.delay_report(state)
+        assert float(report["time"]) > 0 and float(loss(params_out)) < 1.5
+        if model.protocol == "rennala":
+            np.testing.assert_array_equal(taus, 0)
+            assert int(report["dropped"]) > 0  # gradients computed at older points
+        else:
+            assert int(np.max(taus)) < 2 and int(state.delay_state.stopped) > 0
+
+
+def test_rennala_and_ringmaster_arguments_rejected_before_tracing():
+    law = workers.exponential(1.0)
+    with pytest.raises(ValueError, match="`k`"):
+        workers.parameter_server(4, law, protocol="rennala", k=0)
+    with pytest.raises(ValueError, match="`k`"):
+        workers.parameter_server(4, law, protocol="rennala")
+    with pytest.raises(ValueError, match="`threshold`"):
+        workers.parameter_server(4, law, protocol="ringmaster", threshold=0)
+    with pytest.raises(TypeError, match="`threshold`"):
+        workers.parameter_server(4, law, protocol="ringmaster", threshold=2.5)
+    with pytest.raises(ValueError, match="speeds"):
+        workers.parameter_server(3, 1.0, speeds=[1.0, 0.0, 1.0], protocol="rennala", k=2)
+    with pytest.raises(ValueError, match="speeds"):
+        workers.parameter_server(3, 1.0, speeds=[1.0, -2.0, 1.0], protocol="ringmaster")
+    with pytest.raises(ValueError, match="compute_time"):
+        workers.parameter_server(3, -1.0, protocol="ringmaster", threshold=2)
+    with pytest.raises(TypeError, match="stops"):
+        workers.parameter_server(4, law, protocol="rennala", k=2, stops=1)
+    with pytest.raises(ValueError, match="stops"):
+        workers.parameter_server(4, law, stops=True, max_delay=9)
+    with pytest.raises(ValueError, match="threshold"):
+        workers.parameter_server(4, law, threshold=3, max_delay=9)
+    with pytest.raises(ValueError, match="max_staleness"):
+        workers.parameter_server(4, law, protocol="ringmaster", max_staleness=3)
+    with pytest.raises(ValueError, match="method"):
+        workers.simulate(_fixed([1, 2], protocol="rennala", k=2), KEY, 5, method="sorted")
+
+
+def test_infinite_mean_pareto_is_simulated_without_rates():
+    # alpha ≤ 1: every draw is finite, but no steady-state rate or mean staleness exists.
+    model = workers.parameter_server(4, workers.pareto(1.0, 0.5), max_delay=400)
+    assert model.arrival_rate is None and model.update_rate is None
+    assert model.mean_staleness is None
+    trace = _np(workers.simulate(model, KEY, 500))
+    assert np.all(np.isfinite(trace.time)) and np.all(np.diff(trace.time) >= 0)
+    finite = workers.parameter_server(4, workers.pareto(1.0, 2.5), max_delay=400)
+    assert finite.update_rate == pytest.approx(4 / 2.5 * 1.5) and finite.mean_staleness == 3.0

@@ -12,7 +12,11 @@ k = ηΛh·p_acc, with characteristic equation s + k E[e^{−sD}] = 0. This pack
   (mean-square) radius, which sees the divergence that random delays cause and the mean
   dynamics miss;
 * the map from n simulated workers to the SDDE and the worker count that minimises the
-  predicted wall-clock time to a loss level.
+  predicted wall-clock time to a loss level;
+* the fixed computation model (worker i needs τ_i per gradient): Rennala SGD's round time
+  and bounds, Ringmaster ASGD's Lemma 4.1 and threshold, the lower bound, and the
+  predicted time to an ε-stationary point of synchronous SGD, ASGD, Rennala and
+  Ringmaster side by side (``_fixed_computation``).
 
 NumPy/SciPy only: nothing here imports the training code.
 """
@@ -40,6 +44,19 @@ from asgd_jax.theory._discrete import (
     discrete_mean_trajectory,
     discrete_spectral_radius,
     geometric_spectral_radius,
+)
+from asgd_jax.theory._fixed_computation import (
+    RoundBounds,
+    TimeToEpsilon,
+    harmonic_means,
+    lower_bound_time,
+    rennala_round_bounds,
+    rennala_round_time,
+    ringmaster_threshold,
+    ringmaster_time_bound,
+    sgd_iterations,
+    time_complexities,
+    time_to_epsilon,
 )
 from asgd_jax.theory._laws import (
     DelayLaw,
@@ -103,4 +120,15 @@ __all__ = [
     "stationary_variance",
     "step_size",
     "uniform_delay",
+    "RoundBounds",
+    "TimeToEpsilon",
+    "harmonic_means",
+    "lower_bound_time",
+    "rennala_round_bounds",
+    "rennala_round_time",
+    "ringmaster_threshold",
+    "ringmaster_time_bound",
+    "sgd_iterations",
+    "time_complexities",
+    "time_to_epsilon",
 ]

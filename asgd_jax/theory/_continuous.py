@@ -68,6 +68,7 @@ from typing import Any
 import numpy as np
 from scipy import integrate, optimize, special
 
+from asgd_jax._validation import check_real
 from asgd_jax.theory import _roots
 from asgd_jax.theory._laws import DelayLaw, constant_delay
 
@@ -99,15 +100,8 @@ def as_delay_law(delay: Any) -> DelayLaw:
 
 
 def _check_gain(gain: Any) -> float:
-    if isinstance(gain, bool) or not isinstance(gain, numbers.Real):
-        raise TypeError(f"`gain` must be a real number, got {gain!r}.")
-    gain = float(gain)
-    if not math.isfinite(gain) or gain < 0:
-        raise ValueError(
-            f"`gain` k = ηΛh·p_acc must be finite and ≥ 0 (a non-negative Hessian "
-            f"eigenvalue), got {gain}."
-        )
-    return gain
+    """The SDDE gain k = ηΛh·p_acc: finite and ≥ 0 (a non-negative Hessian eigenvalue)."""
+    return check_real("gain", gain)
 
 
 def characteristic_function(s: Any, gain: float, delay: Any) -> np.ndarray:
@@ -405,11 +399,7 @@ def stationary_variance(
     """
     k = _check_gain(gain)
     law = as_delay_law(delay)
-    if isinstance(noise_scale, bool) or not isinstance(noise_scale, numbers.Real):
-        raise TypeError(f"`noise_scale` must be a real number, got {noise_scale!r}.")
-    if not math.isfinite(noise_scale) or noise_scale < 0:
-        raise ValueError(f"`noise_scale` must be finite and ≥ 0, got {noise_scale}.")
-    g2 = float(noise_scale) ** 2
+    g2 = check_real("noise_scale", noise_scale) ** 2
     if method not in ("auto", "parseval"):
         raise ValueError(f"`method` must be 'auto' or 'parseval', got {method!r}.")
     if k == 0:

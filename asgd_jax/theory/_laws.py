@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -255,26 +256,69 @@ def shifted_delay(law: DelayLaw, shift: float) -> DelayLaw:
     )
 
 
-def _staleness_array(staleness: Any) -> tuple[np.ndarray, bool]:
-    """Accepts a pmf (floats) or a trace (ints / object with ``staleness``); returns a pmf."""
-    if hasattr(staleness, "staleness"):
-        staleness = staleness.staleness
-    elif isinstance(staleness, dict) and "staleness" in staleness:
-        staleness = staleness["staleness"]
-    arr = np.asarray(staleness)
+def _staleness_array(staleness: Any = None, *, pmf: Any = None, trace: Any = None) -> np.ndarray:
+    """The staleness pmf from exactly one of ``staleness``, ``pmf=`` or ``trace=``.
+
+    ``pmf=``: non-negative weights on {0, …, K} (probabilities or counts, normalised here).
+    ``trace=``: observed staleness values (integers ≥ 0, or an object / dict with a
+    ``staleness`` entry such as a ``workers.simulate`` result). A positional ``staleness``
+    is read as before only where that is unambiguous: a trace object, or floats (a pmf).
+    An integer array could be either (``[0, 1]``: one update at τ = 1, or the counts of a
+    histogram); it is still read as a trace, with a ``DeprecationWarning`` asking for
+    ``trace=`` or ``pmf=``.
+    """
+    given = [
+        k for k, v in (("staleness", staleness), ("pmf", pmf), ("trace", trace)) if v is not None
+    ]
+    if len(given) != 1:
+        raise TypeError(
+            f"give the staleness law once: a `pmf=` or a `trace=` (got {given or 'neither'})."
+        )
+    if staleness is not None:
+        if hasattr(staleness, "staleness") or isinstance(staleness, dict):
+            trace = staleness
+        elif np.asarray(staleness).dtype.kind in "iub":
+            warnings.warn(
+                "an integer staleness array is read as a trace of observed staleness values; "
+                "it could also be histogram counts. Pass `trace=` or `pmf=` to say which.",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            trace = staleness
+        else:
+            pmf = staleness
+    if trace is not None:
+        if hasattr(trace, "staleness"):
+            trace = trace.staleness
+        elif isinstance(trace, dict) and "staleness" in trace:
+            trace = trace["staleness"]
+        arr = np.asarray(trace)
+        if arr.ndim != 1 or arr.size == 0:
+            raise ValueError(f"`trace` must be a non-empty 1-D array, got shape {arr.shape}.")
+        if arr.dtype.kind not in "iuf" or not np.all(np.isfinite(arr)):
+            raise ValueError("`trace` must hold finite integers ≥ 0.")
+        if np.any(arr < 0) or np.any(arr != np.round(arr)):
+            raise ValueError("`trace` must hold integers ≥ 0.")
+        return np.bincount(arr.astype(np.int64)).astype(np.float64) / arr.size
+    arr = np.asarray(pmf)
     if arr.ndim != 1 or arr.size == 0:
-        raise ValueError(f"staleness must be a non-empty 1-D array, got shape {arr.shape}.")
-    if arr.dtype.kind in "iu":
-        if np.any(arr < 0):
-            raise ValueError("a staleness trace must hold integers ≥ 0.")
-        return np.bincount(arr.astype(np.int64)).astype(np.float64) / arr.size, True
-    pmf = arr.astype(np.float64)
-    if not np.all(np.isfinite(pmf)) or np.any(pmf < 0) or pmf.sum() <= 0:
-        raise ValueError("a staleness pmf must be finite, ≥ 0 and not all zero.")
-    return pmf / pmf.sum(), False
+        raise ValueError(f"`pmf` must be a non-empty 1-D array, got shape {arr.shape}.")
+    if arr.dtype.kind not in "iuf":
+        raise ValueError(f"`pmf` must be numbers, got dtype {arr.dtype}.")
+    out = arr.astype(np.float64)
+    if not np.all(np.isfinite(out)) or np.any(out < 0) or out.sum() <= 0:
+        raise ValueError("a staleness `pmf` must be finite, ≥ 0 and not all zero.")
+    return out / out.sum()
 
 
-def staleness_delay(staleness: Any, update_rate: float, *, half_step: bool = True) -> DelayLaw:
+def staleness_delay(
+    staleness: Any = None,
+    update_rate: float | None = None,
+    *,
+    half_step: bool = True,
+    pmf: Any = None,
+    trace: Any = None,
+) -> DelayLaw:
     """The delay in time units of a staleness law: D = (τ + ½) / Λ (or τ / Λ).
 
     An update applied with staleness τ at update rate Λ read parameters τ updates, i.e. about
@@ -288,15 +332,18 @@ def staleness_delay(staleness: Any, update_rate: float, *, half_step: bool = Tru
     stable range by a factor (2τ + 1) / (2τ).
 
     Args:
-      staleness: a pmf on {0, …, K} (floats), or a staleness trace (integers, or an object /
-        dict with a ``staleness`` entry such as a ``workers.simulate`` result).
+      staleness: a pmf (floats) or a trace object (see ``pmf``/``trace``).
       update_rate: Λ > 0, updates per unit time.
       half_step: add the half-update Euler correction (default) or use D = τ / Λ.
+      pmf: the staleness pmf on {0, …, K} (probabilities or counts).
+      trace: observed staleness values (integers, or a ``workers.simulate`` result).
 
     Returns:
       An empirical :class:`DelayLaw`.
     """
-    pmf, _ = _staleness_array(staleness)
+    pmf = _staleness_array(staleness, pmf=pmf, trace=trace)
+    if update_rate is None:
+        raise TypeError("`update_rate` (Λ > 0, updates per unit time) is required.")
     rate = _check_real("update_rate", update_rate, strict=True)
     offset = 0.5 if half_step else 0.0
     delays = (np.arange(pmf.size) + offset) / rate

@@ -142,3 +142,75 @@ def zeros_in_box(
             )
         result += zeros_in_box(func, derivative, sub, sub_count, depth=depth + 1)
     return result
+
+
+def distinct_roots(
+    func: ComplexFn,
+    derivative: ComplexFn,
+    second: ComplexFn,
+    iterates: np.ndarray,
+    converged: np.ndarray,
+    scale: ComplexFn,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct roots (one per conjugate pair) and their multiplicities (1 or 2).
+
+    Newton converges only linearly to a double root and, in float64, stalls about √eps away
+    from it, with iterates that differ by more than any sensible de-duplication tolerance
+    (and tiny imaginary parts around a real root). Every iterate where the function is
+    small and its derivative nearly vanishes is therefore polished by Newton on the
+    derivative (a double root of f is a simple root of f′, found to full precision) and
+    kept as a double root if f there is below the rounding level ``1e-14·scale``: its two
+    roots then lie within √(2|f|/|f″|) of it; otherwise Newton on f restarts from those two
+    points, which finds both of a pair of nearly equal roots. Other converged iterates are
+    simple roots,
+    de-duplicated to 1e-9.
+    """
+    roots: list[complex] = []
+    mult: list[int] = []
+
+    def add(z: complex, m: int, tol: float) -> None:
+        z = complex(z.real, abs(z.imag))  # one of each conjugate pair
+        for i, q in enumerate(roots):
+            # A stalled iterate near a double root belongs to it (√eps away, not 1e-9).
+            near = max(tol, 1e-6) if mult[i] == 2 else tol
+            if abs(z - q) <= near * (1.0 + abs(q)):
+                mult[i] = max(mult[i], m)
+                return
+        roots.append(z)
+        mult.append(m)
+
+    with np.errstate(all="ignore"):
+        size = scale(iterates)
+        near = np.isfinite(iterates) & (np.abs(func(iterates)) <= 1e-6 * size)
+        flat = near & (np.abs(derivative(iterates)) <= 1e-4 * size)
+        for z in iterates[flat]:
+            for _ in range(60):
+                step = derivative(z) / second(z)
+                if not np.isfinite(step):
+                    break
+                z = z - step
+                if abs(step) <= 1e-16 * (1.0 + abs(z)):
+                    break
+            if abs(z.imag) <= 1e-12 * abs(z):
+                z = complex(z.real, 0.0)
+            if not np.isfinite(z):
+                continue
+            if abs(func(z)) <= 1e-14 * scale(z):
+                add(complex(z), 2, 1e-7)
+                continue
+            # Two nearly equal roots c ± √(−2f(c)/f″(c)) around the critical point c:
+            # Newton from there converges at once, where from afar it stalls between them.
+            split = np.sqrt(complex(-2.0 * func(z) / second(z)))
+            for start in (z + split, z - split):
+                for _ in range(30):
+                    step = func(start) / derivative(start)
+                    if not np.isfinite(step):
+                        break
+                    start = start - step
+                    if abs(step) <= 1e-16 * (1.0 + abs(start)):
+                        break
+                if np.isfinite(start) and abs(func(start)) <= 1e-12 * scale(start):
+                    add(complex(start), 1, 1e-12)
+    for z in iterates[converged]:
+        add(complex(z), 1, 1e-9)
+    return np.array(roots, complex), np.array(mult, np.int64)

@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from asgd_jax._validation import check_int
+from asgd_jax._validation import check_int, check_real
 from asgd_jax.theory import _continuous, _discrete
 from asgd_jax.theory._laws import (
     DelayLaw,
@@ -77,15 +77,6 @@ def _check_workers(num_workers: Any) -> int:
     return check_int("num_workers", num_workers, low=1)
 
 
-def _check_nonneg(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a real number, got {value!r}.")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"`{name}` must be finite and ≥ 0, got {value}.")
-    return value
-
-
 def _law_kind(compute_time: Any) -> str:
     """``"deterministic"``, ``"exponential"``, ``"shifted_exponential"`` or ``"general"``.
 
@@ -94,9 +85,9 @@ def _law_kind(compute_time: Any) -> str:
     1/(1 + s·mean) at two points is exponential; ``shift`` and ``scale`` attributes with
     e^{−s·shift}/(1 + s·scale) make a shifted exponential.
     """
+    mean = cycle_mean(compute_time)  # validates a number or a law's mean first
     if isinstance(compute_time, numbers.Real) and not isinstance(compute_time, bool):
         return "deterministic"
-    mean = cycle_mean(compute_time)
     if getattr(compute_time, "var", None) == 0:
         return "deterministic"
     laplace = getattr(compute_time, "laplace", None)
@@ -119,7 +110,7 @@ def _law_kind(compute_time: Any) -> str:
 
 def cycle_mean(compute_time: Any, communication: float = 0.0) -> float:
     """E[C] = E[T] + c for a compute-time law (anything with ``.mean``) or a number."""
-    comm = _check_nonneg("communication", communication)
+    comm = check_real("communication", communication)
     if isinstance(compute_time, numbers.Real) and not isinstance(compute_time, bool):
         mean = float(compute_time)
     else:
@@ -131,7 +122,10 @@ def cycle_mean(compute_time: Any, communication: float = 0.0) -> float:
             )
         mean = float(mean)
     if not math.isfinite(mean) or mean <= 0:
-        raise ValueError(f"the mean compute time must be finite and > 0, got {mean}.")
+        raise ValueError(
+            "`compute_time` must be a finite positive number or a law with a finite positive "
+            f"mean, got {compute_time!r} (mean {mean})."
+        )
     return mean + comm
 
 
@@ -180,7 +174,7 @@ def worker_staleness(
       A pmf on {0, …, K}.
     """
     n = _check_workers(num_workers)
-    comm = _check_nonneg("communication", communication)
+    comm = check_real("communication", communication)
     kind = _law_kind(compute_time)
     if n == 1:
         return np.ones(1)
@@ -211,7 +205,7 @@ def worker_delay(
     a shifted exponential); the quantiles of C otherwise. See the module docstring.
     """
     n = _check_workers(num_workers)
-    comm = _check_nonneg("communication", communication)
+    comm = check_real("communication", communication)
     mean = cycle_mean(compute_time, comm)
     factor = (n - 1) / n
     half_step = mean / (2.0 * n)
@@ -304,10 +298,10 @@ def predict(
       Yu, Chen & Poor, arXiv 2406.11159.
     """
     n = _check_workers(num_workers)
-    eta = _check_nonneg("learning_rate", learning_rate)
+    eta = check_real("learning_rate", learning_rate)
     h = _check_eigenvalues(hessian_eigenvalues)
-    sigma = _check_nonneg("noise_std", noise_std)
-    if _check_nonneg("epsilon", epsilon) == 0:
+    sigma = check_real("noise_std", noise_std)
+    if check_real("epsilon", epsilon) == 0:
         raise ValueError("`epsilon` must be > 0.")
     if eta == 0:
         raise ValueError("`learning_rate` must be > 0.")
@@ -485,7 +479,7 @@ def optimal_num_workers(
     if num_workers is None:
         grid = np.arange(1, _check_workers(max_workers) + 1)
     else:
-        grid = np.asarray([_check_workers(int(n)) for n in num_workers], np.int64)
+        grid = np.asarray([_check_workers(n) for n in num_workers], np.int64)
         if grid.size == 0:
             raise ValueError("`num_workers` must not be empty.")
     predictions = tuple(

@@ -27,6 +27,15 @@ Protocols (``parameter_server(..., protocol=...)``):
   for the first K arrivals, applies their mean and cancels the n − K stragglers (counted in
   ``dropped``); the round time is the K-th order statistic of the n cycle times, the
   staleness is always 0. ``k=None`` means K = n (fully synchronous SGD).
+* ``"rennala"``: Rennala SGD (Tyurin & Richtárik 2023), ``k=S``. Workers compute at the
+  current point; the server collects the first S gradients computed at it (a fast worker
+  may give several), discards those computed at older points (``dropped``), and applies
+  their mean: τ = 0, S gradients per update, like a K-sync round. ``stops=True`` also
+  stops the other workers at every update (``stopped``), so each round starts afresh.
+* ``"ringmaster"``: Ringmaster ASGD (Maranjyan, Tyurin & Richtárik 2025), ``threshold=R``:
+  asynchronous SGD that ignores gradients with delay ≥ R; with ``stops=True`` a worker is
+  stopped and restarted the moment its computation's delay reaches R. Every applied τ < R;
+  ``threshold=None`` is plain ASGD, bit for bit.
 
 Ties between arrivals at the same simulated time are broken by the lowest worker id, so n
 equal deterministic workers give exactly 0, 1, …, n − 1, n − 1, n − 1, … .
@@ -54,6 +63,10 @@ References:
   Distributed and Federated Learning", NeurIPS 2022, arXiv 2206.08307.
   Yu, Chen, Poor, "Distributed Stochastic Gradient Descent with Staleness: A Stochastic Delay
   Differential Equation Based Framework", IEEE TSP 2025, arXiv 2406.11159.
+  Tyurin, Richtárik, "Optimal Time Complexities of Parallel Stochastic Optimization Methods
+  Under a Fixed Computation Model", NeurIPS 2023, arXiv 2305.12387.
+  Maranjyan, Tyurin, Richtárik, "Ringmaster ASGD: The First Asynchronous SGD with Optimal
+  Time Complexity", ICML 2025, arXiv 2501.16168.
 """
 
 from asgd_jax.workers._laws import (

@@ -66,9 +66,19 @@ def build(
     k: int,
     max_delay: int,
     group_staleness: str,
+    stops: bool = False,
 ) -> tuple[Callable, Callable, Callable]:
-    """The jittable ``init``, ``arrival`` and ``next`` of a parameter server."""
-    drops = threshold is not None and protocol in ("async", "k_async")
+    """The jittable ``init``, ``arrival`` and ``next`` of a parameter server.
+
+    ``threshold`` is the largest accepted staleness (``max_staleness``; R − 1 for
+    Ringmaster's threshold R) or the SSP clock gap. ``stops``: Rennala stops every other
+    worker when it applies an update, Ringmaster every worker whose computation has just
+    reached the delay ``threshold + 1``; both restart them at the new version.
+    """
+    drops = threshold is not None and protocol in ("async", "k_async", "ringmaster")
+    rennala = protocol == "rennala"
+    # Arrivals that may be rejected: the next update is a while loop over arrivals.
+    filtered = drops or rennala
     ssp = protocol == "ssp"
     big = jnp.iinfo(jnp.int32).max
     cycle_time = cycle_time_fn(n, law, comm, mult)
@@ -99,6 +109,8 @@ def build(
             group_sum=i32(0),
             group_max=i32(0),
             group_min=i32(0),
+            stopped=i32(0),
+            restarts=zeros,
         )
 
     def group_tau(state: WorkerState) -> jax.Array:
@@ -120,7 +132,10 @@ def build(
         is_j = iota == j
         finish = state.finish - dt
         staleness = state.version - _sum(jnp.where(is_j, state.pulled, 0))
-        accepted = staleness <= threshold if drops else jnp.asarray(True)
+        if rennala:  # only gradients computed at the current point count
+            accepted = staleness == 0
+        else:
+            accepted = staleness <= threshold if drops else jnp.asarray(True)
         clock = state.clock + is_j.astype(jnp.int32)
         if k == 1:
             # Every accepted arrival is an update: the "group" is the arrival itself.
@@ -147,9 +162,23 @@ def build(
             finish = jnp.where(start, fresh_cycles, jnp.where(is_j, jnp.inf, finish))
             pulled = jnp.where(start, version, state.pulled)
         else:
-            index = _sum(jnp.where(is_j, clock, 0))
+            # A worker's c-th draw: its pushes plus its stopped computations (no stops: c
+            # is its clock, the same under every protocol).
+            draws = clock + state.restarts if stops else clock
+            index = _sum(jnp.where(is_j, draws, 0))
             finish = jnp.where(is_j, cycle_time(state.seed, j, index), finish)
             pulled = jnp.where(is_j, version, state.pulled)
+        restarts, stopped = state.restarts, state.stopped
+        if stops:
+            if rennala:  # a new round: every other computation is at an old point
+                stop = applied & ~is_j
+            else:  # Ringmaster: a computation whose delay reaches R is stopped at once
+                stop = applied & ~is_j & (version - pulled > threshold)
+            fresh_cycles = cycle_time(state.seed, iota, clock + restarts + 1)
+            finish = jnp.where(stop, fresh_cycles, finish)
+            pulled = jnp.where(stop, version, pulled)
+            restarts = restarts + stop.astype(jnp.int32)
+            stopped = stopped + _sum(stop.astype(jnp.int32))
         new = state._replace(
             finish=finish,
             pulled=pulled,
@@ -165,6 +194,8 @@ def build(
             group_sum=group_sum,
             group_max=group_max,
             group_min=group_min,
+            stopped=stopped,
+            restarts=restarts,
         )
         over = applied & (group_tau(new) > max_delay)
         return new._replace(clipped=state.clipped + over.astype(jnp.int32))
@@ -197,9 +228,9 @@ def build(
     step = round_ if protocol == "k_sync" else arrival
 
     def next_(state: WorkerState) -> tuple[jax.Array, WorkerState]:
-        if protocol == "k_sync" or (k == 1 and not drops):
+        if protocol == "k_sync" or (k == 1 and not filtered):
             state = step(state)
-        elif not drops:
+        elif not filtered:
             state = jax.lax.fori_loop(0, k, lambda _, s: arrival(s), state)
         else:
             state = arrival(state)

@@ -17,7 +17,7 @@ import scipy.special
 import scipy.stats
 
 from asgd_jax import delays
-from asgd_jax.delays import _check_int, _check_real
+from asgd_jax._validation import check_int, check_real
 
 
 def _open_uniform(seed: jax.Array, counter: jax.Array, stream: int) -> jax.Array:
@@ -267,22 +267,14 @@ class Pareto(ComputeTime):
         return 1.0 - (self.scale / t) ** self.alpha
 
 
-def _check_finite(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a real number, got {value!r}.")
-    if not math.isfinite(float(value)):
-        raise ValueError(f"`{name}` must be finite, got {value}.")
-    return float(value)
-
-
 def deterministic(time: float) -> Deterministic:
     """Every computation takes exactly ``time`` (> 0)."""
-    return Deterministic(_check_real("time", time, strict=True))
+    return Deterministic(check_real("time", time, strict=True))
 
 
 def exponential(mean: float) -> Exponential:
     """Exponential compute times with the given ``mean`` (> 0)."""
-    return Exponential(_check_real("mean", mean, strict=True))
+    return Exponential(check_real("mean", mean, strict=True))
 
 
 def shifted_exponential(shift: float, mean: float) -> ShiftedExponential:
@@ -295,7 +287,7 @@ def shifted_exponential(shift: float, mean: float) -> ShiftedExponential:
       shift: the minimum compute time, ≥ 0.
       mean: the mean of the exponential part (the time beyond ``shift``), > 0.
     """
-    return ShiftedExponential(_check_real("shift", shift), _check_real("mean", mean, strict=True))
+    return ShiftedExponential(check_real("shift", shift), check_real("mean", mean, strict=True))
 
 
 def lognormal(
@@ -314,27 +306,25 @@ def lognormal(
     if mean is not None or cv is not None:
         if mu is not None or sigma is not None or mean is None or cv is None:
             raise ValueError("Give either `mu` and `sigma`, or both `mean=` and `cv=`.")
-        mean = _check_real("mean", mean, strict=True)
-        cv = _check_real("cv", cv, strict=True)
+        mean = check_real("mean", mean, strict=True)
+        cv = check_real("cv", cv, strict=True)
         sigma2 = math.log1p(cv**2)
         return LogNormal(math.log(mean) - 0.5 * sigma2, math.sqrt(sigma2))
     if mu is None or sigma is None:
         raise ValueError("Give either `mu` and `sigma`, or both `mean=` and `cv=`.")
-    return LogNormal(_check_finite("mu", mu), _check_real("sigma", sigma, strict=True))
+    return LogNormal(check_real("mu", mu, low=-math.inf), check_real("sigma", sigma, strict=True))
 
 
 def pareto(scale: float, alpha: float) -> Pareto:
     """Pareto compute times: minimum ``scale`` (> 0), tail index ``alpha`` (> 0)."""
-    return Pareto(
-        _check_real("scale", scale, strict=True), _check_real("alpha", alpha, strict=True)
-    )
+    return Pareto(check_real("scale", scale, strict=True), check_real("alpha", alpha, strict=True))
 
 
 def _as_law(name: str, value: Any, *, allow_zero: bool = False) -> ComputeTime | None:
     if isinstance(value, ComputeTime):
         return value
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        value = _check_real(name, value, strict=not allow_zero)
+        value = check_real(name, value, strict=not allow_zero)
         return None if value == 0 else Deterministic(value)
     raise TypeError(
         f"`{name}` must be a compute-time law (e.g. asgd_jax.workers.exponential(1.0)) or a "
@@ -361,8 +351,8 @@ def expected_order_statistic(
     Returns:
       The expectation (``math.inf`` when it diverges, e.g. Pareto with (n−k+1)·alpha ≤ 1).
     """
-    n = _check_int("n", n, low=1)
-    k = _check_int("k", k, low=1, high=n)
+    n = check_int("n", n, low=1)
+    k = check_int("k", k, low=1, high=n)
     m = np.ones(n) if multipliers is None else np.asarray(multipliers, np.float64)
     if m.shape != (n,) or not np.all(np.isfinite(m)) or np.any(m <= 0):
         raise ValueError(f"`multipliers` must be {n} finite positive numbers.")

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from asgd_jax import delays
-from asgd_jax.delays import _check_int, _check_real
+from asgd_jax._validation import check_int, check_optional, check_real
 from asgd_jax.workers._events import build
 from asgd_jax.workers._laws import (
     ComputeTime,
@@ -22,7 +22,7 @@ from asgd_jax.workers._laws import (
 )
 from asgd_jax.workers._state import WorkerState
 
-_PROTOCOLS = ("async", "ssp", "k_async", "k_sync")
+_PROTOCOLS = ("async", "ssp", "k_async", "k_sync", "rennala", "ringmaster")
 _GROUP_RULES = ("mean", "max", "min")
 
 
@@ -37,12 +37,16 @@ class WorkerModel(delays.DelayModel):
 
     Attributes:
       num_workers: n.
-      protocol: ``"async"``, ``"ssp"``, ``"k_async"`` or ``"k_sync"``.
+      protocol: ``"async"``, ``"ssp"``, ``"k_async"``, ``"k_sync"``, ``"rennala"`` or
+        ``"ringmaster"``.
       compute_time: the compute-time law X (worker i computes for m_i·X).
       comm_time: the communication law C added to every cycle (``None``: no communication).
       multipliers: the m_i (``1/speed_i``, times ``slow_factor`` for the slow workers).
       max_staleness: the threshold S (drop for async/k_async, block for ssp) or ``None``.
-      k: K for k_async / k_sync (1 otherwise).
+      k: K for k_async / k_sync, the batch size S for rennala (gradients per update; 1
+        otherwise).
+      threshold: Ringmaster's delay threshold R (``None``: R = ∞).
+      stops: whether stale computations are stopped (rennala / ringmaster).
       group_staleness: how a K-async group's staleness becomes one τ (``"mean"``,
         ``"max"``, ``"min"``).
       arrival_rate: gradients pushed per unit time, Σ_i 1/E[m_i·X + C] (always-busy
@@ -62,6 +66,8 @@ class WorkerModel(delays.DelayModel):
     max_staleness: int | None = None
     k: int = 1
     group_staleness: str = "mean"
+    threshold: int | None = None
+    stops: bool = False
     arrival_rate: float | None = None
     update_rate: float | None = None
     mean_staleness: float | None = None
@@ -125,6 +131,8 @@ def parameter_server(
     k: int | None = None,
     max_delay: int | None = None,
     group_staleness: str = "mean",
+    threshold: float | None = None,
+    stops: bool = False,
 ) -> WorkerModel:
     """n simulated workers behind a parameter server, as a delay model for ``stale``.
 
@@ -143,6 +151,32 @@ def parameter_server(
     about e^{−m/n} for exponential times suggests m ≈ 15n). A staleness beyond ``max_delay``
     is clipped to it and counted in ``state.clipped``.
 
+    Rennala SGD (``protocol="rennala"``, ``k=S``; Tyurin & Richtárik 2023, their Alg. 3
+    with Method 4 in the workers): every worker computes at the current point x_k; an
+    arrival computed at x_k is collected, one computed at an older point is discarded
+    (counted in ``dropped``); the worker pulls the current point either way. After S
+    collected gradients (a fast worker may give several) the server applies their mean: τ
+    = 0 for every update, and an update carries S gradients like a K-sync round. With
+    ``stops=True`` the server also stops every other worker at the update (counted in
+    ``stopped``) and restarts it at x_{k+1}: then each round starts afresh and, for
+    deterministic times τ_i, lasts exactly min{t : Σ_i ⌊t/τ_i⌋ ≥ S}
+    (:func:`asgd_jax.theory.rennala_round_time`). The worker whose arrival completes the
+    round pulls x_{k+1} (the paper's pseudo-code sends it x_k, whose gradient the next
+    round discards).
+
+    Ringmaster ASGD (``protocol="ringmaster"``, ``threshold=R``; Maranjyan, Tyurin &
+    Richtárik 2025, Alg. 4 and 5): asynchronous SGD that ignores a gradient whose delay is
+    R or more (``dropped``; the same rule as ``max_staleness=R − 1``), so every applied
+    gradient has τ < R. With ``stops=True`` (their Alg. 5) a worker whose computation
+    reaches delay R is stopped at once and restarted at the current point (``stopped``), so
+    no gradient is ever ignored. ``threshold=None`` (or ``math.inf``) is plain ASGD, bit for
+    bit.
+
+    Heavy-tailed compute times with an infinite mean (Pareto with ``alpha ≤ 1``) are
+    simulated as they are (every draw is finite); their steady-state rates and mean
+    staleness do not exist, and ``arrival_rate``, ``update_rate`` and ``mean_staleness``
+    are then ``None``.
+
     K-async hands one τ per update to the optimizer: ``group_staleness="mean"`` (default)
     uses the group's mean staleness rounded half up — to first order in the delay the mean of
     K gradients taken at W_{t−τ_1..K} is one gradient at W_{t−mean τ} — while ``"max"`` uses
@@ -157,21 +191,28 @@ def parameter_server(
       num_slow: the last ``num_slow`` workers are stragglers, in [0, n].
       slow_factor: how much slower the stragglers are (≥ 1).
       comm_time: ``None``, a number ≥ 0 (constant), or a law added to every cycle.
-      protocol: ``"async"``, ``"ssp"``, ``"k_async"`` or ``"k_sync"``.
+      protocol: ``"async"``, ``"ssp"``, ``"k_async"``, ``"k_sync"``, ``"rennala"`` or
+        ``"ringmaster"``.
       max_staleness: S ≥ 0; async/k_async drop gradients staler than S, ssp blocks workers
-        more than S clocks ahead (required); not allowed for k_sync.
-      k: K for k_async (required, ≥ 1) and k_sync (in [1, n], default n).
+        more than S clocks ahead (required); not allowed for k_sync, rennala, ringmaster.
+      k: K for k_async (required, ≥ 1) and k_sync (in [1, n], default n); the batch size S
+        ≥ 1 for rennala (required).
       max_delay: history bound; derived when possible (see above), else required.
       group_staleness: ``"mean"``, ``"max"`` or ``"min"`` (k_async only).
+      threshold: Ringmaster's R ≥ 1 (an integer, or ``None`` / ``math.inf`` for R = ∞).
+      stops: stop stale computations (rennala and ringmaster only).
 
     Returns:
       A :class:`WorkerModel`.
 
     References:
       Dutta et al. 2018 (arXiv 1803.01113); Ho et al. 2013 (SSP); Yu, Chen & Poor 2025
-      (arXiv 2406.11159).
+      (arXiv 2406.11159); Tyurin & Richtárik, "Optimal Time Complexities of Parallel
+      Stochastic Optimization Methods Under a Fixed Computation Model", NeurIPS 2023
+      (arXiv 2305.12387); Maranjyan, Tyurin & Richtárik, "Ringmaster ASGD: The First
+      Asynchronous SGD with Optimal Time Complexity", ICML 2025 (arXiv 2501.16168).
     """
-    n = _check_int("num_workers", num_workers, low=1)
+    n = check_int("num_workers", num_workers, low=1)
     law = _as_law("compute_time", compute_time)
     comm = None if comm_time is None else _as_law("comm_time", comm_time, allow_zero=True)
     if protocol not in _PROTOCOLS:
@@ -180,8 +221,8 @@ def parameter_server(
         raise ValueError(
             f"`group_staleness` must be one of {_GROUP_RULES}, got {group_staleness!r}."
         )
-    num_slow = _check_int("num_slow", num_slow, low=0, high=n)
-    slow_factor = _check_real("slow_factor", slow_factor, low=1.0)
+    num_slow = check_int("num_slow", num_slow, low=0, high=n)
+    slow_factor = check_real("slow_factor", slow_factor, low=1.0)
     if speeds is None:
         speed = np.ones(n)
     else:
@@ -191,14 +232,34 @@ def parameter_server(
     mult = 1.0 / speed
     mult[n - num_slow :] *= slow_factor
 
-    if protocol == "k_async":
+    if not isinstance(stops, bool):
+        raise TypeError(f"`stops` must be True or False, got {stops!r}.")
+    if stops and protocol not in ("rennala", "ringmaster"):
+        raise ValueError(f"`stops` applies to 'rennala' and 'ringmaster', not {protocol!r}.")
+    if threshold is not None and protocol != "ringmaster":
+        raise ValueError(f"`threshold` (R) is Ringmaster's, not {protocol!r}'s.")
+    if protocol in ("rennala", "ringmaster") and max_staleness is not None:
+        raise ValueError(
+            f"`max_staleness` does not apply to {protocol!r} (rennala's τ is 0; ringmaster "
+            "takes its delay threshold as `threshold=R`)."
+        )
+    if threshold == math.inf:  # R = ∞: plain ASGD
+        threshold = None
+    threshold = check_optional(check_int, "threshold", threshold, low=1)
+    if protocol == "rennala":
+        if k is None:
+            raise ValueError("`k` (the batch size S ≥ 1) is required for protocol='rennala'.")
+        k = check_int("k", k, low=1)
+    elif protocol == "k_async":
         if k is None:
             raise ValueError("`k` is required for protocol='k_async' (gradients per update).")
-        k = _check_int("k", k, low=1)
+        k = check_int("k", k, low=1)
     elif protocol == "k_sync":
-        k = n if k is None else _check_int("k", k, low=1, high=n)
+        k = n if k is None else check_int("k", k, low=1, high=n)
     elif k is not None:
-        raise ValueError(f"`k` is only used by 'k_async' and 'k_sync', not {protocol!r}.")
+        raise ValueError(
+            f"`k` is only used by 'k_async', 'k_sync' and 'rennala', not {protocol!r}."
+        )
     else:
         k = 1
     if protocol == "k_sync" and max_staleness is not None:
@@ -206,8 +267,14 @@ def parameter_server(
     if protocol == "ssp" and max_staleness is None:
         raise ValueError("`max_staleness` (S ≥ 0, the allowed clock gap) is required for 'ssp'.")
     if max_staleness is not None:
-        max_staleness = _check_int("max_staleness", max_staleness)
+        max_staleness = check_int("max_staleness", max_staleness)
     drops = max_staleness is not None and protocol in ("async", "k_async")
+    if protocol == "ringmaster" and threshold is not None:
+        max_staleness_rule = threshold - 1  # accept τ < R, i.e. τ ≤ R − 1
+        drops = True
+    else:
+        max_staleness_rule = max_staleness
+    stops = stops and (protocol == "rennala" or threshold is not None)
 
     # ---- max_delay: given, or derived where a bound is provable.
     comm_mean = 0.0 if comm is None else comm.mean
@@ -216,11 +283,11 @@ def parameter_server(
     )
     cycles = mult * law.mean + comm_mean
     bounds = []
-    if protocol == "k_sync":
+    if protocol in ("k_sync", "rennala"):
         bounds.append(0)
-    if max_staleness is not None:
-        bounds.append(max_staleness if drops else (n - 1) * (2 * max_staleness + 1))
-    if constant_cycles and protocol != "k_sync":
+    if max_staleness_rule is not None:
+        bounds.append(max_staleness_rule if drops else (n - 1) * (2 * max_staleness + 1))
+    if constant_cycles and protocol not in ("k_sync", "rennala"):
         bounds.append(_deterministic_bound(cycles, k))
     if max_delay is None:
         if not bounds:
@@ -231,13 +298,17 @@ def parameter_server(
                 "clipped and counted in state.clipped)."
             )
         max_delay = min(bounds)
-    max_delay = _check_int("max_delay", max_delay)
+    max_delay = check_int("max_delay", max_delay)
 
     # ---- rates and laws the theory reads.
-    arrival_rate = float(np.sum(1.0 / cycles)) if protocol in ("async", "k_async") else None
+    busy = ("async", "k_async", "ringmaster")
+    finite = math.isfinite(law.mean) and (comm is None or math.isfinite(comm.mean))
+    arrival_rate = float(np.sum(1.0 / cycles)) if protocol in busy and finite else None
     mean_staleness = None
     update_rate = None
-    if protocol in ("async", "k_async") and not drops:
+    if protocol == "rennala":
+        mean_staleness = 0.0
+    elif protocol in busy and not drops and finite:
         update_rate = arrival_rate / k
         mean_staleness = (n - 1) / k
     elif protocol == "k_sync":
@@ -247,10 +318,10 @@ def parameter_server(
             update_rate = 0.0 if math.isinf(round_time) else 1.0 / round_time
     pmf = None
     equal = bool(np.all(mult == mult[0]))
-    if protocol == "k_sync":
+    if protocol in ("k_sync", "rennala"):
         pmf = np.zeros(max_delay + 1)
         pmf[0] = 1.0
-    elif protocol == "async" and not drops and equal:
+    elif protocol in ("async", "ringmaster") and not drops and equal:
         if constant_cycles and max_delay >= n - 1:
             pmf = np.zeros(max_delay + 1)
             pmf[n - 1] = 1.0
@@ -266,6 +337,12 @@ def parameter_server(
         name += f", S={max_staleness}"
     if protocol in ("k_async", "k_sync"):
         name += f", K={k}"
+    if protocol == "rennala":
+        name += f", S={k}"
+    if protocol == "ringmaster":
+        name += f", R={'∞' if threshold is None else threshold}"
+    if stops:
+        name += ", stops"
     name += ")"
 
     init, arrival, next_ = build(
@@ -274,10 +351,11 @@ def parameter_server(
         comm=comm,
         mult=mult,
         protocol=protocol,
-        threshold=max_staleness,
+        threshold=max_staleness_rule,
         k=k,
         max_delay=max_delay,
         group_staleness=group_staleness,
+        stops=stops,
     )
     return WorkerModel(
         init=init,
@@ -293,6 +371,8 @@ def parameter_server(
         max_staleness=max_staleness,
         k=k,
         group_staleness=group_staleness,
+        threshold=threshold,
+        stops=stops,
         arrival_rate=arrival_rate,
         update_rate=update_rate,
         mean_staleness=mean_staleness,

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from asgd_jax import delays
-from asgd_jax.delays import _check_int
+from asgd_jax._validation import check_int
 from asgd_jax.workers import _sorted
 from asgd_jax.workers._events import cycle_time_fn
 from asgd_jax.workers._server import WorkerModel
@@ -20,7 +20,7 @@ from asgd_jax.workers._state import WorkerState, WorkerTrace
 
 
 def _snapshot(state: WorkerState, staleness: jax.Array) -> WorkerTrace:
-    """A record with cumulative ``dropped`` / ``clipped`` counts (made per-record later).
+    """A record with cumulative counters (``dropped``, ``clipped``, ``stopped``; see _per_record).
 
     Reading only the new state (not the previous one) lets XLA update the per-worker
     arrays in place inside the scan.
@@ -34,6 +34,7 @@ def _snapshot(state: WorkerState, staleness: jax.Array) -> WorkerTrace:
         dropped=state.dropped,
         clipped=state.clipped,
         version=state.version,
+        stopped=state.stopped,
     )
 
 
@@ -41,7 +42,8 @@ def _per_record(trace: WorkerTrace) -> WorkerTrace:
     """Turns the cumulative counters of :func:`_snapshot` records into per-record ones."""
     dropped = jnp.diff(trace.dropped, prepend=jnp.zeros_like(trace.dropped[:1]))
     clipped = jnp.diff(trace.clipped, prepend=jnp.zeros_like(trace.clipped[:1])) > 0
-    return trace._replace(dropped=dropped, clipped=clipped)
+    stopped = jnp.diff(trace.stopped, prepend=jnp.zeros_like(trace.stopped[:1]))
+    return trace._replace(dropped=dropped, clipped=clipped, stopped=stopped)
 
 
 def _check_model(model: Any) -> WorkerModel:
@@ -106,7 +108,7 @@ def cycle_times(model: WorkerModel, key: chex.PRNGKey, num_cycles: int) -> jax.A
       A float32 array of shape ``(num_cycles, num_workers)``.
     """
     model = _check_model(model)
-    return _cycle_times(model, key, _check_int("num_cycles", num_cycles, low=1))
+    return _cycle_times(model, key, check_int("num_cycles", num_cycles, low=1))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
@@ -159,7 +161,7 @@ def simulate(
       A :class:`WorkerTrace` of arrays with leading axis ``num_updates``.
     """
     model = _check_model(model)
-    num = _check_int("num_updates", num_updates, low=1)
+    num = check_int("num_updates", num_updates, low=1)
     if method not in _METHODS:
         raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
     if method == "sorted" and not _sorted.applicable(model):
@@ -188,4 +190,4 @@ def simulate_events(model: WorkerModel, key: chex.PRNGKey, num_events: int) -> W
       A :class:`WorkerTrace` of arrays with leading axis ``num_events``.
     """
     model = _check_model(model)
-    return _simulate_events(model, key, _check_int("num_events", num_events, low=1))
+    return _simulate_events(model, key, check_int("num_events", num_events, low=1))

@@ -99,6 +99,7 @@ def _k_sync(model: WorkerModel, table: jax.Array) -> WorkerTrace:
         dropped=jnp.full((num,), n - k, jnp.int32),
         clipped=~true,
         version=jnp.arange(1, num + 1, dtype=jnp.int32),
+        stopped=zeros,
     )
 
 
@@ -166,6 +167,7 @@ def simulate_sorted(
         dropped=jnp.zeros((num,), jnp.int32),
         clipped=raw > max_delay,
         version=jnp.arange(1, num + 1, dtype=jnp.int32),
+        stopped=jnp.zeros((num,), jnp.int32),
     )
     # Updates whose records are final; the loop in _extend runs zero times when all are.
     done = jnp.minimum(covered // k, num)
@@ -213,6 +215,7 @@ def _extend(model, key, hi, lo, position, trace, done):
             dropped=jnp.zeros((), jnp.int32),
             clipped=state.clipped > before,
             version=state.version,
+            stopped=jnp.zeros((), jnp.int32),
         )
         trace = jax.tree.map(lambda x, r: x.at[u].set(r), trace, record)
         return u + 1, state, trace

@@ -28,6 +28,10 @@ class WorkerState(NamedTuple):
       group_count, group_sum, group_max, group_min: accepted arrivals in the current (or
         just applied) K-async group and their staleness sum / max / min (for K = 1: whether
         the last arrival was accepted, and its staleness).
+      stopped: computations stopped before they finished and restarted at the current
+        version (``stops=True`` of ``"rennala"`` and ``"ringmaster"``; 0 otherwise).
+      restarts: int32[n], each worker's stopped computations: its c-th cycle draw is at
+        counter index ``clock + restarts`` (always ``clock`` for protocols without stops).
     """
 
     seed: jax.Array
@@ -46,6 +50,8 @@ class WorkerState(NamedTuple):
     group_sum: jax.Array
     group_max: jax.Array
     group_min: jax.Array
+    stopped: jax.Array
+    restarts: jax.Array
 
 
 class WorkerTrace(NamedTuple):
@@ -62,6 +68,7 @@ class WorkerTrace(NamedTuple):
       dropped: gradients dropped since the previous record.
       clipped: whether the update's τ was clipped to ``max_delay``.
       version: server version after the record.
+      stopped: computations stopped (and restarted) since the previous record.
     """
 
     staleness: jax.Array
@@ -72,3 +79,4 @@ class WorkerTrace(NamedTuple):
     dropped: jax.Array
     clipped: jax.Array
     version: jax.Array
+    stopped: jax.Array
