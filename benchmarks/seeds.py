@@ -25,8 +25,8 @@ import time
 
 import jax
 
-from asgd_jax import cli
 from asgd_jax import train as train_lib
+from asgd_jax.experiments import demo_configs
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 
@@ -53,7 +53,7 @@ def main() -> None:
     eval_every = 100
     steps = max(eval_every, steps // eval_every * eval_every)
 
-    config = cli.demo_configs()["ASGD"].replace(num_steps=steps, eval_every=eval_every)
+    config = demo_configs()["ASGD"].replace(num_steps=steps, eval_every=eval_every)
     dataset = train_lib.load_dataset(config)
     seeds = list(range(args.seeds))
 

@@ -7,14 +7,15 @@ import jax
 import numpy as np
 import pytest
 
-from asgd_jax import cli, data, delays, transforms, workers
+from asgd_jax import data, delays, transforms, workers
 from asgd_jax import train as train_lib
+from asgd_jax.experiments import demo_configs
 from asgd_jax.train import CheckpointError, TrainConfig
 
 # Most tests train the small demo's asynchronous configuration (3 workers, one straggler), and
 # tests/test_cli.py runs the same one through the command line: in one session every compiled
 # program is shared (compilation, not training, is what costs time here).
-DEMO = cli.demo_configs(num_workers=3, num_slow=1, rounds=4, evals=2)
+DEMO = demo_configs(num_workers=3, num_slow=1, rounds=4, evals=2)
 TINY = DEMO["ASGD"].replace(num_steps=24)  # eval_every = 6
 
 
@@ -29,7 +30,7 @@ def tiny_run(digits):
 
 
 def _delay_key(seed):
-    return train_lib._split_seed(seed)[1]
+    return train_lib.run_keys(seed)[1]
 
 
 def _leaves_equal(a, b):

@@ -1,0 +1,7 @@
+"""``python -m asgd_jax.cli``: the ``asgd-jax`` command."""
+
+import sys
+
+from asgd_jax.cli import main
+
+sys.exit(main())
