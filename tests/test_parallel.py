@@ -1,5 +1,6 @@
 """Data-parallel, one-device-per-worker and multi-process training (asgd_jax.parallel)."""
 
+import pathlib
 import time
 
 import jax
@@ -375,8 +376,6 @@ def test_one_device_per_worker_reads_low_precision_and_predicted_snapshots_like_
 
 
 def test_package_reads_the_stale_state_only_through_public_readers():
-    import pathlib
-
     package = pathlib.Path(parallel.__file__).parent
     sources = {path.name: path.read_text() for path in package.glob("*.py")}
     assert {"_placement.py", "_data_parallel.py", "_device_per_worker.py"} <= set(sources)
