@@ -182,71 +182,6 @@ def geometric_spectral_radius(gain: float, p: float, *, acceptance: float = 1.0)
     return float(np.max(np.abs(roots)))
 
 
-def _taylor(weights: np.ndarray, a: float, c: complex, order: int) -> complex:
-    """h^{(order)}(c)/order! for h(z) = z − 1 + a Σ_j w_j z^{−j} (order ≥ 2)."""
-    j = np.arange(weights.size, dtype=np.float64)
-    binom = np.ones_like(j)
-    for i in range(order):  # C(j + order − 1, order)
-        binom = binom * (j + i) / (i + 1)
-    powers = np.exp(-(j + order) * np.log(complex(c)))
-    return complex((-1) ** order * a * np.sum(weights * binom * powers))
-
-
-def _count_outside(
-    weights: np.ndarray,
-    a: float,
-    radius: float,
-    known: np.ndarray | None = None,
-    doubles: np.ndarray | None = None,
-    max_samples: int = 2**23,
-) -> int | None:
-    """Number of roots of Q with |z| > radius: 1 − winding of h(z) = z − 1 + aG(1/z).
-
-    Q(z) = z^K h(z), so (zeros of Q inside) = K + wind(h) and (outside) = 1 − wind(h). h is
-    sampled on M equally spaced points of the circle with one FFT (exact for any M by
-    folding the coefficients modulo M), M doubling until phase steps are below π/4. The
-    terms are scaled by their largest modulus so that r^{−j} cannot overflow. Roots already
-    ``known`` are divided out, h / Π(z − z_k), so that a circle passing right next to one of
-    them needs no more samples than elsewhere; the winding then drops by the number of
-    known roots inside. A double root c in ``doubles`` is divided out twice; within 10⁻⁵ of
-    it, where h/(z − c)² would be rounding noise over a tiny square, the quotient is its
-    Taylor series h″/2 + h‴(z − c)/6 + h⁗(z − c)²/24 instead.
-    """
-    K = weights.size - 1
-    j = np.arange(K + 1)
-    positive = weights > 0
-    logc = np.full(K + 1, -np.inf)
-    logc[positive] = np.log(a * weights[positive]) - j[positive] * math.log(radius)
-    top = max(float(np.max(logc)), 0.0)
-    coef = np.exp(logc - top)
-    known = np.zeros(0, complex) if known is None else np.asarray(known, complex)
-    doubles = np.zeros(0, complex) if doubles is None else np.asarray(doubles, complex)
-    known_inside = int(np.sum(np.abs(known) < radius)) + 2 * int(np.sum(np.abs(doubles) < radius))
-    series = [[_taylor(weights, a, c, k) for k in (2, 3, 4)] for c in doubles]
-    m = 256
-    while m < 8 * (K + 1):
-        m *= 2
-    while m <= max_samples:
-        folded = np.bincount(j % m, weights=coef, minlength=m)
-        z = radius * np.exp(2j * np.pi * np.arange(m) / m)
-        values = (z - 1.0) * math.exp(-top) + np.fft.fft(folded)
-        for root in known:
-            values = values / (z - root)
-        for c, (h2, h3, h4) in zip(doubles, series, strict=True):
-            d = z - c
-            close = np.abs(d) < 1e-5 * (1.0 + abs(c))
-            values = np.where(
-                close, (h2 + d * (h3 + d * h4)) * math.exp(-top), values / np.where(close, 1, d * d)
-            )
-        if np.any(values == 0) or not np.all(np.isfinite(values)):
-            return None
-        wind, step = _roots.winding_number(values)
-        if step < np.pi / 4:
-            return 1 - (wind + known_inside)
-        m *= 2
-    return None
-
-
 def _newton_roots(weights: np.ndarray, a: float) -> tuple[np.ndarray, np.ndarray]:
     """Distinct roots of h(z) (one per conjugate pair) and their multiplicities.
 
@@ -337,7 +272,7 @@ def discrete_spectral_radius(
         # too close (two nearly equal roots), one 10⁻⁸ or 5·10⁻⁸ out still certifies ρ̂ to
         # the documented 10⁻⁷.
         for margin in (1e-9, 1e-8, 5e-8):
-            outside = _count_outside(
+            outside = _roots.count_outside(
                 w, a, candidate * (1.0 + margin), both[~twice], both[twice], 2**16
             )
             if outside == 0:
@@ -354,7 +289,7 @@ def discrete_spectral_radius(
         mid = 0.5 * (lo + hi)
         count = None
         for nudge in range(4):
-            count = _count_outside(w, a, mid * (1.0 + 1e-9 * nudge))
+            count = _roots.count_outside(w, a, mid * (1.0 + 1e-9 * nudge))
             if count is not None:
                 break
         if count is None:
