@@ -7,6 +7,9 @@ a step costs the same for any ``K``; reads are one ``lax.dynamic_slice`` per lea
 
 All slots start as copies of ``W_0``, so reading a lag larger than the number of snapshots
 written so far returns ``W_0`` -- every worker starts from the initial parameters.
+
+Every index is ``int32`` (also under ``jax_enable_x64``), so reads and writes batch under
+``jax.vmap`` the same way in both modes.
 """
 
 from __future__ import annotations
@@ -20,8 +23,15 @@ import optax
 __all__ = ["init", "write", "read", "read_lagged", "size"]
 
 
+def _zeros(n: int) -> tuple[jax.Array, ...]:
+    """``n`` int32 zeros: start indices of one dtype with an int32 slot, x64 or not."""
+    return (jnp.zeros((), jnp.int32),) * n
+
+
 def _stack(leaf: jax.Array, num_slots: int, dtype: Any) -> jax.Array:
-    target = leaf.dtype if dtype is None else jnp.dtype(dtype)
+    # A storage dtype applies to real floating leaves; integer and complex ones keep theirs.
+    floating = jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+    target = jnp.dtype(dtype) if dtype is not None and floating else jnp.result_type(leaf)
     # broadcast_to keeps the parameter's sharding on the trailing axes and always allocates
     # fresh buffers, so the state never aliases the caller's params (safe to donate both).
     return jnp.broadcast_to(jnp.asarray(leaf, target)[None], (num_slots, *jnp.shape(leaf)))
@@ -33,7 +43,8 @@ def init(params: optax.Params, num_slots: int, dtype: Any = None) -> optax.Param
     Args:
       params: a pytree of arrays (or ``jax.ShapeDtypeStruct`` under ``jax.eval_shape``).
       num_slots: ``K``, the number of snapshots kept (≥ 1).
-      dtype: storage dtype of the snapshots; ``None`` keeps each leaf's own dtype.
+      dtype: storage dtype of the real floating snapshots; ``None`` keeps each leaf's own
+        dtype (integer and complex leaves always keep theirs).
 
     Returns:
       A pytree like ``params`` with leaves of shape ``(K, *leaf.shape)``.
@@ -51,7 +62,7 @@ def size(buffer: optax.Params) -> int:
 
 @jax.custom_batching.custom_vmap
 def _write_leaf(buf: jax.Array, leaf: jax.Array, slot: jax.Array) -> jax.Array:
-    start = (slot,) + (0,) * leaf.ndim
+    start = (slot, *_zeros(leaf.ndim))
     return jax.lax.dynamic_update_slice(buf, leaf.astype(buf.dtype)[None], start)
 
 
@@ -66,15 +77,17 @@ def _write_leaf_batched(axis_size, in_batched, buf, leaf, slot):
     if not leaf_batched:
         leaf = jnp.broadcast_to(leaf, (axis_size, *leaf.shape))
     leaf = leaf.astype(buf.dtype)
-    rest = (0,) * (leaf.ndim - 1)
+    rest = _zeros(leaf.ndim - 1)
+    zero = jnp.zeros((), jnp.int32)
     if not slot_batched:
-        return jax.lax.dynamic_update_slice(buf, leaf[:, None], (0, slot, *rest)), True
+        return jax.lax.dynamic_update_slice(buf, leaf[:, None], (zero, slot, *rest)), True
 
     def body(run, buf):
         update = jax.lax.dynamic_index_in_dim(leaf, run, keepdims=True)[:, None]
         return jax.lax.dynamic_update_slice(buf, update, (run, slot[run], *rest))
 
-    return jax.lax.fori_loop(0, axis_size, body, buf), True
+    # int32 bounds give an int32 run index, like the slots (also under x64).
+    return jax.lax.fori_loop(zero, jnp.int32(axis_size), body, buf), True
 
 
 def write(buffer: optax.Params, params: optax.Params, step: jax.Array) -> optax.Params:
@@ -94,7 +107,7 @@ def read(buffer: optax.Params, step: jax.Array) -> optax.Params:
     slot = jnp.asarray(step, jnp.int32) % num_slots
 
     def get(buf: jax.Array) -> jax.Array:
-        start = (slot,) + (0,) * (buf.ndim - 1)
+        start = (slot, *_zeros(buf.ndim - 1))
         return jax.lax.dynamic_slice(buf, start, (1, *buf.shape[1:]))[0]
 
     return jax.tree.map(get, buffer)

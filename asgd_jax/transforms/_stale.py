@@ -11,19 +11,15 @@ import optax
 
 from asgd_jax import delays as delays_lib
 from asgd_jax import history as history_lib
-from asgd_jax.transforms._state import (
-    StalenessMetrics,
-    StaleState,
-    _is_key,
-    _Static,
-    stale_params,
-)
+from asgd_jax._validation import as_key, check_seed
+from asgd_jax.transforms._state import StalenessMetrics, StaleState, stale_params
+from asgd_jax.transforms._static import _register_flax_serialization, _Static, check_params
 
 __all__ = ["stale"]
 
 
 def _first_element(x: jax.Array) -> jax.Array:
-    return jax.lax.dynamic_slice(x.reshape(-1), (0,), (1,))[0]
+    return x.reshape(-1)[0]
 
 
 def _depends_on(tree: Any) -> jax.Array:
@@ -66,11 +62,20 @@ def _ordered_write(history: Any, params: Any, step: jax.Array, updates: Any) -> 
     for u, h in zip(u_leaves, h_leaves, strict=True):
         if u.size and jnp.issubdtype(u.dtype, jnp.inexact) and h.shape[1:] == u.shape:
             # One element of snapshot `slot` (a size-1 slice: under vmap a 1-element gather).
-            start = (slot,) + (0,) * (h.ndim - 1)
+            start = (slot, *(jnp.zeros((), jnp.int32),) * (h.ndim - 1))
             written = jax.lax.dynamic_slice(h, start, (1,) * h.ndim).reshape(())
             u = jnp.where(jnp.isnan(written) & never, jnp.zeros_like(u), u)
         ordered.append(u)
     return history, jax.tree.unflatten(treedef, ordered)
+
+
+def _check_inner_state(inner_state: Any) -> Any:
+    if isinstance(inner_state, optax.MultiStepsState):
+        raise TypeError(
+            "asgd_jax.stale(optax.MultiSteps(...).gradient_transformation()) would delay each "
+            "micro-batch gradient: write optax.MultiSteps(asgd.stale(inner, delay), k) instead."
+        )
+    return inner_state
 
 
 def stale(
@@ -107,20 +112,40 @@ def stale(
         return asgd.stale(optax.sgd(learning_rate), asgd.delays.uniform(0, max_delay))
       tx = optax.inject_hyperparams(make, static_args=("max_delay",))(0.1, max_delay=8)
 
-    Opaque form: ``tx.update(None, state, params, grad_fn=f)`` evaluates ``f`` at the stale
-    parameters itself (like ``optax.contrib.sam``'s opaque mode), for a drop-in train step.
+    ``inject_hyperparams`` *inside* ``stale`` keeps its hyperparameters at
+    ``state.inner_state.hyperparams``; ``optax.tree.get(state, "learning_rate")`` and
+    ``optax.tree.set`` reach them there. Gradient accumulation wraps the stale optimizer,
+    ``optax.MultiSteps(asgd.stale(inner, delay), k)`` (the reverse order is refused).
+
+    Non-finite gradients. Whatever the updates hold, update t stores W_t in slot t mod K.
+    Prefer ``asgd.stale(optax.apply_if_finite(inner, n), delay)``: a skipped gradient is a
+    zero update (W_{t+1} = W_t), the inner state is untouched, the step and the delay stream
+    advance, and the buffer stays in place. ``optax.apply_if_finite(asgd.stale(...), n)``
+    is also exact but rolls the whole stale state back (the skipped step is retried with the
+    same τ) and selects over the whole history every step (a copy of K snapshots).
+
+    Opaque form: ``tx.update(None, state, params, grad_fn=f)`` (``grad_fn`` is keyword-only)
+    evaluates ``f`` at the stale parameters itself (like ``optax.contrib.sam``'s opaque
+    mode), for a drop-in train step.
+
+    The state's static part (the delay model) compares by value and is invisible to
+    ``flax.serialization``, so msgpack checkpoints (``to_bytes`` / ``from_bytes``, e.g. of a
+    flax ``TrainState``) round-trip, as orbax ones do.
 
     Args:
       inner: the optax transformation to run on the stale gradients.
       delay: a delay model from :mod:`asgd_jax.delays` (or :mod:`asgd_jax.workers`), or an
         int for :func:`asgd_jax.delays.constant`.
-      seed: seed of the delay model's key; use :func:`reseed` to give vmapped runs their own.
+      seed: an int or a single PRNG key (typed or raw) for the delay model; use
+        :func:`reseed` to give vmapped runs their own.
       max_staleness: bounded staleness S: a gradient with τ > S is dropped (zero update,
         ``inner`` state unchanged, counted in ``metrics.updates_dropped``); the step still
         counts, so W_{t+1} = W_t. ``None`` keeps every gradient.
-      history_dtype: storage dtype for snapshots (e.g. ``jnp.bfloat16``) to save memory.
-        This CHANGES RESULTS: gradients are then taken at rounded parameters. ``None`` keeps
-        each parameter's dtype.
+      history_dtype: a real floating storage dtype for the snapshots of real floating
+        parameters (e.g. ``jnp.bfloat16``) to save memory. This CHANGES RESULTS: gradients
+        are then taken at rounded parameters. ``None`` keeps each parameter's dtype; integer
+        and complex parameters are always stored in their own dtype (integer leaves are
+        carried exactly; ``jax.grad`` does not differentiate them).
       weight_prediction: evaluate gradients at W_{t−τ} + τ (W_{t−τ} − W_{t−τ−1}), the stale
         weights extrapolated by τ times their latest update, as in pipeline-parallel weight
         prediction (SpecTrain, Chen et al. 2018, arXiv 1809.02839; PipeMare, Yang et al.
@@ -134,6 +159,12 @@ def stale(
       Koloskova, Stich & Jaggi, *Sharper Convergence Guarantees for Asynchronous SGD for
       Distributed and Federated Learning*, NeurIPS 2022, arXiv 2206.08307.
     """
+    if isinstance(inner, optax.MultiSteps):
+        raise TypeError(
+            "asgd_jax.stale(optax.MultiSteps(...)) would delay each micro-batch gradient: "
+            "accumulate the stale gradients instead, optax.MultiSteps(asgd.stale(inner, "
+            "delay), every_k_schedule=k) (the wrapper's steps are then the micro-steps)."
+        )
     if not isinstance(inner, optax.GradientTransformation):
         raise TypeError(
             "`inner` must be an optax.GradientTransformation (e.g. optax.sgd(0.1)), "
@@ -145,16 +176,28 @@ def stale(
         max_staleness = delays_lib._check_int("max_staleness", max_staleness)
     if not isinstance(weight_prediction, bool):
         raise TypeError(f"`weight_prediction` must be a bool, got {weight_prediction!r}.")
+    seed = check_seed("seed", seed)
     if history_dtype is not None:
-        history_dtype = jnp.dtype(history_dtype)
-        if not jnp.issubdtype(history_dtype, jnp.inexact):
-            raise ValueError(f"`history_dtype` must be a floating dtype, got {history_dtype}.")
+        try:
+            history_dtype = jnp.dtype(history_dtype)
+        except TypeError:
+            raise TypeError(
+                f"`history_dtype` must be a floating dtype (e.g. jnp.bfloat16) or None, got "
+                f"{history_dtype!r}."
+            ) from None
+        if not jnp.issubdtype(history_dtype, jnp.floating):
+            raise ValueError(
+                "`history_dtype` must be a real floating dtype (e.g. jnp.bfloat16) or None, got "
+                f"{history_dtype}; complex and integer parameters are always stored in their "
+                "own dtype."
+            )
     inner = optax.with_extra_args_support(inner)
     num_slots = max_delay + int(weight_prediction) if max_delay > 0 else 0
-    static_delay = _Static(delay)
+    static_delay = _Static(delay, history_dtype)
+    _register_flax_serialization()
 
     def init_fn(params: optax.Params) -> StaleState:
-        key = jax.random.key(seed) if jnp.ndim(seed) == 0 and not _is_key(seed) else seed
+        key = as_key("seed", seed)
         tau, delay_state = delay.next(delay.init(key))
         tau = jnp.minimum(tau, max_delay).astype(jnp.int32)
         history = history_lib.init(params, num_slots, history_dtype) if num_slots else ()
@@ -169,7 +212,7 @@ def stale(
             history=history,
             stale_step=jnp.zeros((), jnp.int32),
             delay_state=delay_state,
-            inner_state=inner.init(params),
+            inner_state=_check_inner_state(inner.init(params)),
             metrics=metrics,
             delay=static_delay,
         )
@@ -178,11 +221,13 @@ def stale(
         updates: optax.Updates | None,
         state: StaleState,
         params: optax.Params | None = None,
+        *,
+        grad_fn: Callable[[optax.Params], optax.Updates] | None = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, StaleState]:
         if params is None:
             raise ValueError("asgd_jax.stale needs `params` (W_t) in update(grads, state, params).")
-        grad_fn: Callable[[optax.Params], optax.Updates] | None = extra_args.pop("grad_fn", None)
+        check_params(state, params, "asgd_jax.stale update")
         extra_args.pop("staleness", None)
         extra_args.pop("stale_params", None)
         tau = state.staleness

@@ -8,18 +8,22 @@ transformation (``staleness=τ_t`` and ``stale_params=W_{t−τ_t}``), so they c
       optax.chain(asgd.delay_compensation(0.04), optax.sgd(0.1),
                   asgd.scale_by_staleness("inverse")),
       delay=asgd.delays.uniform(0, 8))
+
+Their numeric constants (λ, β, ε, the rules' a, b, concurrency, threshold) may be JAX arrays,
+traced ones included, so each works under ``optax.inject_hyperparams``; Python numbers are
+checked eagerly, arrays are used as given.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from asgd_jax._validation import check_hyperparameter
 
 __all__ = [
     "scale_by_staleness",
@@ -34,14 +38,14 @@ __all__ = [
 STALENESS_RULES = ("inverse", "polynomial", "hinge", "delay_adaptive", "drop")
 
 
-def _positive(name: str, value: Any, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a real number, got {value!r}.")
-    value = float(value)
-    ok = value >= 0 if allow_zero else value > 0
-    if not math.isfinite(value) or not ok:
-        bound = "≥ 0" if allow_zero else "> 0"
-        raise ValueError(f"`{name}` must be finite and {bound}, got {value}.")
+def _positive(name: str, value: Any, *, allow_zero: bool = False, below_one: bool = False) -> Any:
+    """A real constant ≥ 0 (> 0 unless ``allow_zero``; < 1 if ``below_one``), or an array."""
+    value = check_hyperparameter(name, value, low=0.0, strict=not allow_zero)
+    if below_one and not isinstance(value, jax.Array) and value >= 1.0:
+        raise ValueError(f"`{name}` must be in [0, 1), got {value}.")
+    if below_one and isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer):
+        if float(value) >= 1.0:
+            raise ValueError(f"`{name}` must be in [0, 1), got {float(value)}.")
     return value
 
 
@@ -110,7 +114,12 @@ def staleness_factor(rule: str, **kwargs: Any) -> Callable[[jax.Array], jax.Arra
 
 
 def scale_by_staleness(
-    rule: str | Callable[[jax.Array], jax.Array] = "inverse", **kwargs: Any
+    rule: str | Callable[[jax.Array], jax.Array] = "inverse",
+    *,
+    a: Any = None,
+    b: Any = None,
+    concurrency: Any = None,
+    threshold: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Scales updates by a staleness-dependent factor s(τ_t).
 
@@ -122,7 +131,9 @@ def scale_by_staleness(
     Args:
       rule: a rule name from :data:`STALENESS_RULES`, or a callable τ ↦ s(τ) (float32 in,
         float32 out; it must be traceable).
-      **kwargs: the rule's constants (see :func:`staleness_factor`).
+      a, b, concurrency, threshold: the rule's constants (see :func:`staleness_factor`);
+        ``None`` leaves one out. Explicit keywords, so ``optax.inject_hyperparams`` can
+        inject them (JAX arrays, traced ones included, are accepted).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with an empty state; its ``update`` needs
@@ -134,6 +145,8 @@ def scale_by_staleness(
       Koloskova, Stich & Jaggi, NeurIPS 2022, arXiv 2206.08307.
       Regatti et al., *Distributed SGD Generalizes Well Under Asynchrony*, arXiv 1909.13391.
     """
+    given = {"a": a, "b": b, "concurrency": concurrency, "threshold": threshold}
+    kwargs = {name: value for name, value in given.items() if value is not None}
     if callable(rule):
         if kwargs:
             raise TypeError("A callable `rule` takes no keyword constants.")
@@ -195,9 +208,7 @@ def delay_compensation(
     lam = _positive("lam", lam, allow_zero=True)
     if not isinstance(adaptive, bool):
         raise TypeError(f"`adaptive` must be a bool, got {adaptive!r}.")
-    decay = _positive("decay", decay, allow_zero=True)
-    if decay >= 1.0:
-        raise ValueError(f"`decay` must be in [0, 1), got {decay}.")
+    decay = _positive("decay", decay, allow_zero=True, below_one=True)
     eps = _positive("eps", eps)
 
     def init_fn(params):
@@ -209,8 +220,8 @@ def delay_compensation(
         if params is None:
             raise ValueError("delay_compensation needs `params` (W_t).")
         at = _require(extra_args, "stale_params", "delay_compensation")
-        if lam == 0.0:
-            return updates, state
+        # λ = 0 returns g and the state unchanged, bit for bit (a select: λ may be traced).
+        off = jnp.asarray(lam) == 0
         if adaptive:
             mean_square = jax.tree.map(
                 lambda v, g: decay * v + (1.0 - decay) * jnp.square(g), state.mean_square, updates
@@ -220,12 +231,16 @@ def delay_compensation(
             mean_square = ()
             scale = jax.tree.map(lambda g: jnp.asarray(lam, g.dtype), updates)
         compensated = jax.tree.map(
-            lambda g, s, w, w_old: (g + s * g * g * (w - w_old.astype(w.dtype))).astype(g.dtype),
+            lambda g, s, w, w_old: jnp.where(
+                off, g, (g + s * g * g * (w - w_old.astype(w.dtype))).astype(g.dtype)
+            ),
             updates,
             scale,
             params,
             at,
         )
+        if adaptive:
+            mean_square = optax.tree.where(off, state.mean_square, mean_square)
         return compensated, DelayCompensationState(mean_square)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -261,9 +276,7 @@ def gap_aware(
       arXiv 1909.10802.
     """
     learning_rate = _positive("learning_rate", learning_rate)
-    beta = _positive("beta", beta, allow_zero=True)
-    if beta >= 1.0:
-        raise ValueError(f"`beta` must be in [0, 1), got {beta}.")
+    beta = _positive("beta", beta, allow_zero=True, below_one=True)
     eps = _positive("eps", eps)
 
     def init_fn(params):

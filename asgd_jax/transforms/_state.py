@@ -19,7 +19,13 @@ import numpy as np
 import optax
 
 from asgd_jax import history as history_lib
-from asgd_jax._validation import check_int
+from asgd_jax._validation import as_key, check_int
+from asgd_jax.transforms._static import (  # noqa: F401  (re-exported for the package)
+    _as_arrays,
+    _register_flax_serialization,
+    _Static,
+    check_params,
+)
 
 __all__ = [
     "StaleState",
@@ -34,27 +40,6 @@ __all__ = [
     "staleness_summary",
     "upcoming_staleness",
 ]
-
-
-@jax.tree_util.register_pytree_node_class
-class _Static:
-    """Holds a Python object as static pytree metadata (no leaves), e.g. the delay model."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: Any):
-        self.value = value
-
-    def tree_flatten(self):
-        return (), self.value
-
-    @classmethod
-    def tree_unflatten(cls, value, children):
-        del children
-        return cls(value)
-
-    def __repr__(self) -> str:
-        return repr(self.value)
 
 
 class StalenessMetrics(NamedTuple):
@@ -82,29 +67,37 @@ def _is_stale_state(x: Any) -> bool:
     return isinstance(x, StaleState)
 
 
-def find_stale_state(state: Any) -> StaleState:
-    """Returns the unique :class:`StaleState` inside an optimizer state."""
+def _find_all(state: Any) -> list[StaleState]:
     if isinstance(state, StaleState):
-        return state
-    found = [
-        leaf
-        for leaf in jax.tree.leaves(state, is_leaf=_is_stale_state)
-        if isinstance(leaf, StaleState)
-    ]
-    if len(found) != 1:
+        return [state]
+    leaves = jax.tree.leaves(state, is_leaf=_is_stale_state)
+    return [leaf for leaf in leaves if isinstance(leaf, StaleState)]
+
+
+def find_stale_state(state: Any) -> StaleState:
+    """Returns the unique :class:`StaleState` inside an optimizer state.
+
+    NNX optimizer states (``nnx.Optimizer.opt_state``) are accepted: the returned state
+    holds plain arrays.
+    """
+    found = _find_all(state)
+    if not found:
         raise ValueError(
-            "Expected exactly one asgd_jax.stale state inside the optimizer state, found "
-            f"{len(found)}. Pass the StaleState itself when several are nested."
+            "this optimizer state has no asgd_jax.stale: build it with asgd.stale(...), e.g. "
+            "asgd.stale(optax.sgd(0.1), asgd.delays.uniform(0, 8)). (A step shared by plain "
+            'and stale optimizers can call stale_params(state, params, missing="params").)'
         )
-    return found[0]
+    if len(found) > 1:
+        raise ValueError(
+            f"this optimizer state holds {len(found)} asgd_jax.stale states; pass the "
+            "StaleState itself (e.g. state[0]) to say which one."
+        )
+    return _as_arrays(found[0])
 
 
 def has_stale_state(state: Any) -> bool:
     """Whether an optimizer state contains an :func:`asgd_jax.stale` state (static: no trace)."""
-    if isinstance(state, StaleState):
-        return True
-    leaves = jax.tree.leaves(state, is_leaf=_is_stale_state)
-    return any(isinstance(leaf, StaleState) for leaf in leaves)
+    return bool(_find_all(state))
 
 
 def _replace_stale_state(state: Any, new: StaleState) -> Any:
@@ -116,11 +109,11 @@ def _replace_stale_state(state: Any, new: StaleState) -> Any:
 
 
 def staleness(state: Any) -> jax.Array:
-    """τ_t: the staleness that the next gradient will have (an int32 scalar)."""
+    """τ_t: the staleness that the next gradient will have (an int32 scalar array)."""
     return find_stale_state(state).staleness
 
 
-def stale_params(state: Any, params: optax.Params) -> optax.Params:
+def stale_params(state: Any, params: optax.Params, *, missing: str = "error") -> optax.Params:
     """W_{t−τ_t}: the parameters at which the next gradient is to be evaluated.
 
     A pure read of the state (τ_t was drawn at the end of the previous update): one fused
@@ -129,14 +122,27 @@ def stale_params(state: Any, params: optax.Params) -> optax.Params:
     far (all workers start from W_0). Snapshots stored in a lower ``history_dtype`` are cast
     back to each parameter's dtype.
 
+    ``params`` must have the structure, shapes and dtypes the state was built with (checked
+    at trace time). Flax NNX variable trees (``nnx.state(model, nnx.Param)``, an
+    ``nnx.Optimizer``'s ``opt_state``) are accepted and plain arrays are returned.
+
     Args:
       state: the state of :func:`stale`, or any optimizer state containing exactly one.
       params: the current parameters W_t.
+      missing: what to do when ``state`` holds no :func:`stale` state: ``"error"`` (the
+        default: forgetting the wrapper must not pass silently) or ``"params"`` to return
+        ``params``, for one train step shared by a plain and a stale optimizer (A/B runs).
 
     Returns:
       A pytree like ``params``.
     """
+    if missing not in ("error", "params"):
+        raise ValueError(f'`missing` must be "error" or "params", got {missing!r}.')
+    params = _as_arrays(params)
+    if missing == "params" and not has_stale_state(state):
+        return params
     s = find_stale_state(state)
+    check_params(s, params, "stale_params")
     if isinstance(s.history, tuple) and not s.history:
         return params  # max_delay == 0: always fresh.
     snapshot = _snapshot(s.history, s.stale_step, s.staleness, _has_prediction(s))
@@ -170,7 +176,9 @@ def stale_params_at(
     Returns:
       A pytree like ``params``.
     """
+    params = _as_arrays(params)
     s = find_stale_state(state)
+    check_params(s, params, "stale_params_at")
     if isinstance(s.history, tuple) and not s.history:
         return params  # max_delay == 0: always fresh.
     step = s.step
@@ -221,6 +229,7 @@ def staleness_summary(histogram: Any) -> dict[str, Any]:
     Returns:
       ``{"mean": …, "max": …}``.
     """
+    histogram = _as_arrays(histogram)
     if isinstance(histogram, jax.Array):
         xp, float_dtype = jnp, jnp.float32
     else:
@@ -264,12 +273,7 @@ def _extrapolate(snap: Any, prev: Any, tau: jax.Array) -> Any:
     return jax.tree.map(extrapolate, snap, prev)
 
 
-def _is_key(x: Any) -> bool:
-    dtype = getattr(x, "dtype", None)
-    return dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
-
-
-def reseed(state: Any, key: chex.PRNGKey) -> Any:
+def reseed(state: Any, key: chex.PRNGKey | int) -> Any:
     """Restarts the delay model of a :func:`stale` state from ``key``.
 
     Gives each run its own delay sequence after a shared ``init``, e.g. to run many seeds at
@@ -279,11 +283,12 @@ def reseed(state: Any, key: chex.PRNGKey) -> Any:
 
     Args:
       state: the state of :func:`stale`, or an optimizer state containing exactly one.
-      key: a PRNG key (typed or raw).
+      key: an int or a single PRNG key (typed or raw), the rule of ``stale(seed=...)``.
 
     Returns:
       ``state`` with the stale state's delay stream restarted.
     """
+    key = as_key("key", key)
     s = find_stale_state(state)
     delay = s.delay.value
     max_delay = int(delay.max_delay)
