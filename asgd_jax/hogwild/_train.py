@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from asgd_jax._validation import check_min_int, check_optional, check_real
+from asgd_jax._validation import as_key, check_min_int, check_optional, check_real
 from asgd_jax.hogwild import _programs
 from asgd_jax.hogwild._lock_free import LockFreeServer
 from asgd_jax.hogwild._locked import LockedServer
@@ -127,7 +126,7 @@ def train(
         if batch_size is None:
             raise ValueError("`batch_size` is required when `data` is a pytree of arrays.")
         batch_size = check_min_int("batch_size", batch_size, 1)
-    key = _as_key("seed", seed)
+    key = as_key("seed", seed)
 
     step = make_step(loss_fn, optimizer)
     server = SERVERS[mode](
@@ -198,19 +197,3 @@ def _check_params(params: Any) -> None:
                 "hogwild differentiates the loss with respect to every parameter, so every "
                 "leaf must be a floating-point array (e.g. cast it with .astype(jnp.float32))."
             )
-
-
-def _as_key(name: str, seed: Any) -> jax.Array:
-    """``seed`` as a PRNG key: an int seed, or a single (typed or raw uint32[2]) key."""
-    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
-        return jax.random.key(int(seed))
-    if isinstance(seed, jax.Array | np.ndarray):
-        if jnp.issubdtype(seed.dtype, jax.dtypes.prng_key) and seed.shape == ():
-            return seed
-        if seed.dtype == np.uint32 and seed.shape == (2,):
-            return seed  # a raw key: jax.random accepts it as it is
-        if seed.shape == () and jnp.issubdtype(seed.dtype, jnp.integer):
-            return jax.random.key(int(seed))
-    raise TypeError(
-        f"`{name}` must be an int or a single PRNG key (jax.random.key(...)), got {seed!r}."
-    )
