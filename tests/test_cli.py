@@ -84,6 +84,11 @@ def test_bad_flags_exit_2_with_one_line(capsys, tmp_path, argv, needles):
         (["sweep", "--over", "nope", "--values", "1"], ["must name a config field"]),
         (["sweep", "--over", "num_workers", "--values", "2,x"], ["expected an integer"]),
         (["sweep", "--over", "num_workers", "--values", "2,0"], ["num_workers=0"]),
+        (
+            ["sweep", "--over", "num_steps", "--values", "6", "--eval-every", "6"]
+            + ["--checkpoint-every", "6"],
+            ["sweep saves no checkpoints", "--checkpoint-every"],
+        ),
         (["demo", "--stragglers", "9"], ["--stragglers"]),
         (["demo", "--rounds", "7"], ["--rounds"]),
         (["demo", "--target", "1.5"], ["--target"]),
@@ -143,6 +148,48 @@ def test_run_writes_outputs_and_resumes(capsys, tmp_path, data_dir):
     assert resumed["resumed_from"] == 12
     assert resumed["history"]["step"] == [0, 6, 12, 18]
     assert resumed["history"]["test_loss"][:3] == metrics["history"]["test_loss"]
+
+
+def test_resume_into_a_finished_run_without_checkpoints_changes_nothing(capsys, tmp_path, data_dir):
+    out = tmp_path / "done"
+    argv = ["run", *TINY_FLAGS, "--num-steps", "6", "--data-dir", data_dir, "--out", str(out)]
+    status, _, err = _main(capsys, *argv, "--quiet")
+    assert status == 0, err
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "checkpoints" not in before
+    status, _, err = _main(capsys, *argv, "--quiet", "--resume", "--learning-rate", "0.05")
+    assert status == 2
+    _one_line_error(err, "--resume", "no checkpoints", "nothing was changed")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_rerun_of_a_killed_run_offers_resume_before_overwrite(capsys, tmp_path, data_dir):
+    out = tmp_path / "killed"
+    argv = ["run", *TINY_FLAGS, "--num-steps", "12", "--checkpoint-every", "6"]
+    argv += ["--data-dir", data_dir, "--out", str(out), "--quiet"]
+    status, _, err = _main(capsys, *argv)
+    assert status == 0, err
+    for name in ("config.json", "metrics.json", "curves.png"):  # written only at the end
+        (out / name).unlink()
+    checkpoints = sorted(os.listdir(out / "checkpoints"))
+    status, _, err = _main(capsys, *argv)
+    assert status == 2
+    _one_line_error(err, "--resume to continue from step 12", "--overwrite", "discards")
+    assert err.index("--resume") < err.index("--overwrite")
+    assert sorted(os.listdir(out / "checkpoints")) == checkpoints
+
+
+def test_diverged_runs_are_reported_in_table_and_json(capsys, tmp_path, data_dir):
+    out = tmp_path / "diverging"
+    argv = ["sweep", "--over", "learning_rate", "--values", "0.2,1e6", "--seeds", "2"]
+    argv += [*TINY_FLAGS, "--num-steps", "6", "--data-dir", data_dir, "--out", str(out)]
+    status, table, err = _main(capsys, *argv, "--quiet")
+    assert status == 0, err
+    rows = table.strip().splitlines()[2:]
+    assert "diverged" not in rows[0]
+    assert rows[1].startswith("learning_rate=1000000.0 (diverged: 2/2 seeds)")
+    runs = json.loads((out / "sweep.json").read_text())["runs"]
+    assert [run["summary"]["diverged"] for run in runs] == [[False, False], [True, True]]
 
 
 def test_sweep_over_steps_with_seeds(capsys, tmp_path, data_dir):

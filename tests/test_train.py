@@ -1,7 +1,13 @@
 """Tests for asgd_jax.train: config checks, metrics, seeds under vmap, checkpoints."""
 
+import json
 import os
 import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -20,8 +26,13 @@ TINY = DEMO["ASGD"].replace(num_steps=24)  # eval_every = 6
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    return data.load("digits", data_dir=str(tmp_path_factory.mktemp("tfds")))
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def digits(data_dir):
+    return data.load("digits", data_dir=data_dir)
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +91,12 @@ def test_config_round_trips_through_json(tmp_path):
 
 
 def test_batch_larger_than_dataset_is_rejected(digits):
-    with pytest.raises(ValueError, match="exceeds the 1440 training examples"):
-        train_lib.build_program(TINY.replace(protocol="k_sync", batch_size=500), digits)
-    with pytest.raises(ValueError, match="per-worker shard"):
-        train_lib.build_program(TINY.replace(data_streams="per_worker", batch_size=500), digits)
+    for check in (train_lib.check_fits, train_lib.build_program):
+        with pytest.raises(ValueError, match="exceeds the 1440 training examples"):
+            check(TINY.replace(protocol="k_sync", batch_size=500), digits)
+        with pytest.raises(ValueError, match="per-worker shard"):
+            check(TINY.replace(data_streams="per_worker", batch_size=500), digits)
+    assert train_lib.check_fits(TINY, digits) is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,6 +207,7 @@ def test_time_to_accuracy_and_summary(tiny_run):
     assert summary["time_to_target"] == 0.0 and summary["steps_to_target"] == 0
     assert summary["final_test_accuracy"] == tiny_run.history["test_accuracy"][-1]
     assert train_lib.summarize(tiny_run, 1.01)["time_to_target"] is None
+    assert summary["diverged"] is False and not tiny_run.diverged
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,8 +268,6 @@ def test_resume_continues_bitwise(checkpointed, digits, tmp_path):
 
 
 def test_resume_from_an_earlier_step_is_bitwise(checkpointed, digits, tmp_path):
-    import shutil
-
     config, directory, full = checkpointed
     copy = tmp_path / "copy"
     shutil.copytree(directory, copy)
@@ -278,8 +290,6 @@ def _damage(step_dir: pathlib.Path) -> None:
 def test_corrupted_checkpoint_is_reported_and_earlier_ones_still_resume(
     checkpointed, digits, tmp_path
 ):
-    import shutil
-
     config, directory, full = checkpointed
     copy = tmp_path / "copy"
     shutil.copytree(directory, copy)
@@ -306,3 +316,84 @@ def test_mismatched_checkpoint_is_refused(checkpointed, digits):
     with pytest.raises(CheckpointError, match="no checkpoint at step 15"):
         train_lib.train(config, dataset=digits, checkpoint_dir=directory, resume_step=15)
     assert sorted(os.listdir(directory)) == before
+
+
+# --------------------------------------------------------------------------------------------
+# Killed runs: a stop inside a save leaves a checkpoint without its manifest.
+
+
+def _manifest(step_dir: pathlib.Path) -> pathlib.Path:
+    return step_dir / "asgd_manifest.json"
+
+
+def test_resume_skips_a_save_the_stop_interrupted(checkpointed, digits, tmp_path, capfd):
+    """Orbax committed step 24, the manifest was not written: resume from step 18."""
+    config, directory, full = checkpointed
+    copy = tmp_path / "copy"
+    shutil.copytree(directory, copy)
+    manifest = _manifest(copy / "24")
+    manifest.rename(manifest.with_name(manifest.name + ".partial"))
+    capfd.readouterr()
+    resumed = train_lib.train(config, dataset=digits, checkpoint_dir=copy, progress=False)
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "step 24" in lines[0] and "resuming from step 18" in lines[0]
+    assert resumed.resumed_from == 18
+    assert _leaves_equal(resumed.state, full.state)
+    for name, values in full.history.items():
+        np.testing.assert_array_equal(resumed.history[name], values, err_msg=name)
+    assert train_lib.latest_checkpoint(copy) == 24 and _manifest(copy / "24").is_file()
+
+
+def test_resume_after_only_incomplete_saves_starts_afresh(checkpointed, digits, tmp_path):
+    config, directory, full = checkpointed
+    copy = tmp_path / "copy"
+    (copy).mkdir()
+    shutil.copytree(directory / "6", copy / "6")
+    _manifest(copy / "6").unlink()
+    assert train_lib.latest_checkpoint(copy) is None
+    resumed = train_lib.train(config, dataset=digits, checkpoint_dir=copy, progress=False)
+    assert resumed.resumed_from is None
+    assert _leaves_equal(resumed.state, full.state)
+
+
+_CHILD = """
+import json, sys
+from asgd_jax import data, train
+config = train.TrainConfig.from_dict(json.loads(sys.argv[1]))
+dataset = data.load("digits", data_dir=sys.argv[3])
+train.train(config, dataset=dataset, checkpoint_dir=sys.argv[2], progress=False)
+"""
+
+
+def _inside_orbax_save(directory: pathlib.Path) -> bool:
+    return any(p.name.startswith("12.") for p in directory.iterdir())
+
+
+def _before_manifest(directory: pathlib.Path) -> bool:
+    return (directory / "12").is_dir() and not _manifest(directory / "12").exists()
+
+
+def _between_saves(directory: pathlib.Path) -> bool:
+    return _manifest(directory / "6").exists()
+
+
+@pytest.mark.parametrize("kill_when", [_inside_orbax_save, _before_manifest, _between_saves])
+def test_resume_after_a_kill_is_bitwise(checkpointed, digits, data_dir, tmp_path, kill_when):
+    """SIGKILL a run as soon as it reaches a point (inside a save, or between saves)."""
+    config, _, full = checkpointed
+    directory = tmp_path / "killed"
+    directory.mkdir()
+    argv = [sys.executable, "-c", _CHILD, json.dumps(config.to_dict()), str(directory), data_dir]
+    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while child.poll() is None and not kill_when(directory):
+            time.sleep(1e-4)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert child.returncode == -signal.SIGKILL  # killed, not finished
+    resumed = train_lib.train(config, dataset=digits, checkpoint_dir=directory, progress=False)
+    assert resumed.resumed_from in (6, 12)
+    assert _leaves_equal(resumed.state, full.state)
+    for name, values in full.history.items():
+        np.testing.assert_array_equal(resumed.history[name], values, err_msg=name)

@@ -38,8 +38,14 @@ __all__ = ["build_parser"]
 # Output directories, datasets, messages.
 
 
-def _output_dir(path: str | None, overwrite: bool, *, allow_existing: bool = False) -> str:
-    """The output directory, checked but not created (see :func:`_make_dir`)."""
+def _output_dir(
+    path: str | None, overwrite: bool, *, allow_existing: bool = False, hint: str = ""
+) -> str:
+    """The output directory, checked but not created (see :func:`_make_dir`).
+
+    A non-empty directory is refused unless ``overwrite`` or ``allow_existing``; ``hint``
+    replaces the default advice in that error.
+    """
     if path is None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         path = os.path.join("runs", stamp)
@@ -51,10 +57,41 @@ def _output_dir(path: str | None, overwrite: bool, *, allow_existing: bool = Fal
         raise UsageError(f"--out {path} exists and is not a directory")
     if os.path.isdir(path) and os.listdir(path) and not (overwrite or allow_existing):
         raise UsageError(
-            f"output directory {path} exists and is not empty; pass --overwrite to write "
-            "into it, or choose another --out"
+            f"output directory {path} exists and is not empty; "
+            + (hint or "pass --overwrite to write into it, or choose another --out")
         )
     return path
+
+
+def _run_dir(args: argparse.Namespace) -> str:
+    """``run``'s output directory: never loses checkpoints or results without --overwrite.
+
+    Without ``--resume``, a directory holding checkpoints points at ``--resume`` first
+    (naming the step it would continue from). With ``--resume``, a non-empty directory
+    holding no checkpoints is refused (there is nothing to continue; its results stay).
+    """
+    if args.resume_step is not None and not args.resume:
+        raise UsageError("--resume-step needs --resume")
+    hint = ""
+    if args.out is not None and not args.resume:
+        checkpoint_dir = os.path.join(args.out, "checkpoints")
+        step = train_lib.latest_checkpoint(checkpoint_dir)
+        if step is not None:
+            hint = (
+                f"it holds checkpoints of a run, the newest complete one at step {step}: pass "
+                f"--resume to continue from step {step}, or --overwrite to start afresh "
+                "(which discards the checkpoints)"
+            )
+    out = _output_dir(args.out, args.overwrite, allow_existing=args.resume, hint=hint)
+    checkpoint_dir = os.path.join(out, "checkpoints")
+    if args.resume and os.path.isdir(out) and os.listdir(out):
+        if not (os.path.isdir(checkpoint_dir) and os.listdir(checkpoint_dir)):
+            raise UsageError(
+                f"--resume: {out} holds no checkpoints to continue from (its run saved none; "
+                "see --checkpoint-every); nothing was changed. Choose another --out, or pass "
+                "--overwrite without --resume to start afresh there"
+            )
+    return out
 
 
 def _make_dir(path: str) -> str:
@@ -117,9 +154,7 @@ def _describe(config: train_lib.TrainConfig) -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    out = _output_dir(args.out, args.overwrite, allow_existing=args.resume)
-    if args.resume_step is not None and not args.resume:
-        raise UsageError("--resume-step needs --resume")
+    out = _run_dir(args)
     check_target(args.target)
     config = config_from_args(args)
     seeds = seeds_of(config.seed, args.seeds)
@@ -164,6 +199,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             configs.append(base.replace(**{args.over: value}))
         except (TypeError, ValueError) as error:
             raise UsageError(f"invalid configuration for {args.over}={value}: {error}") from None
+    if any(config.checkpoint_every is not None for config in configs):
+        raise UsageError(
+            "sweep saves no checkpoints (checkpoint_every applies to `asgd-jax run`): drop "
+            "--checkpoint-every, or checkpoint_every from the CONFIG file"
+        )
     seeds = seeds_of(base.seed, args.seeds)
     out = _output_dir(args.out, args.overwrite)
     loaded: dict[Any, data_lib.Dataset] = {}

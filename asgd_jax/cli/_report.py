@@ -100,8 +100,16 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def result_row(label: str, result: train_lib.TrainResult, target: float | None) -> list[str]:
-    """One table row: final test accuracy, time to ``target``, total time, mean / max τ."""
+    """One table row: final test accuracy, time to ``target``, total time, mean / max τ.
+
+    A run that diverged (:attr:`~asgd_jax.train.TrainResult.diverged`) says so after its
+    label (with how many of its seeds did).
+    """
     history = result.history
+    diverged = np.asarray(result.diverged).reshape(-1)
+    if diverged.any():
+        seeds = f": {diverged.sum()}/{diverged.size} seeds" if diverged.size > 1 else ""
+        label = f"{label} (diverged{seeds})"
     row = [label, _mean_std(history["test_accuracy"][..., -1])]
     if target is not None:
         row.append(_mean_std(train_lib.time_to_accuracy(history, target), 1))

@@ -48,7 +48,7 @@ from asgd_jax.train._build import (
     make_model,
     make_optimizer,
 )
-from asgd_jax.train._checkpoints import CheckpointError
+from asgd_jax.train._checkpoints import CheckpointError, latest_checkpoint
 from asgd_jax.train._config import (
     COMPUTE_TIMES,
     CONFIG_GROUPS,
@@ -63,13 +63,19 @@ from asgd_jax.train._config import (
 )
 from asgd_jax.train._loop import train
 from asgd_jax.train._program import Program, TrainState, build_program, run_keys
-from asgd_jax.train._results import TrainResult, summarize, time_to_accuracy
+from asgd_jax.train._results import (
+    DIVERGENCE_FACTOR,
+    TrainResult,
+    summarize,
+    time_to_accuracy,
+)
 
 __all__ = [
     "COMPUTE_TIMES",
     "CONFIG_GROUPS",
     "DATA_STREAMS",
     "DELAYS",
+    "DIVERGENCE_FACTOR",
     "MITIGATIONS",
     "OPTIMIZERS",
     "PROTOCOLS",
@@ -82,6 +88,7 @@ __all__ = [
     "TrainState",
     "build_program",
     "check_fits",
+    "latest_checkpoint",
     "load_dataset",
     "make_delay_model",
     "make_model",

@@ -24,7 +24,13 @@ from asgd_jax.train._config import TrainConfig, fields_with_role
 from asgd_jax.train._program import TrainState
 from asgd_jax.train._results import plain
 
-__all__ = ["CheckpointError", "Checkpoints", "fingerprint", "leaf_signature"]
+__all__ = [
+    "CheckpointError",
+    "Checkpoints",
+    "fingerprint",
+    "latest_checkpoint",
+    "leaf_signature",
+]
 
 CHECKPOINT_FORMAT = 1
 # Fields that do not change a run's trajectory: a checkpoint written under other values of
@@ -93,6 +99,32 @@ def history_from_json(saved: Mapping[str, Any]) -> dict[str, list]:
     return history
 
 
+def _is_complete(step_dir: str) -> bool:
+    return os.path.isfile(os.path.join(step_dir, _MANIFEST))
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> int | None:
+    """The step a resume in ``directory`` would continue from: its newest complete checkpoint.
+
+    Reads folder names and manifests only (creates, opens and changes nothing). A checkpoint
+    without its manifest is incomplete — the run stopped while saving it — and is skipped,
+    as :func:`asgd_jax.train.train` skips it when resuming.
+
+    Returns:
+      The step, or ``None`` when ``directory`` holds no complete checkpoint (or does not
+      exist).
+    """
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        return None
+    steps = [
+        int(name)
+        for name in os.listdir(directory)
+        if name.isdigit() and _is_complete(os.path.join(directory, name))
+    ]
+    return max(steps, default=None)
+
+
 class Checkpoints:
     """Orbax checkpoints of one run: the state's leaves plus JSON metadata per step.
 
@@ -135,6 +167,19 @@ class Checkpoints:
         with open(partial, "w", encoding="utf-8") as file:
             json.dump(manifest, file)
         os.replace(partial, os.path.join(step_dir, _MANIFEST))
+
+    def newest_complete(self) -> tuple[int | None, list[int]]:
+        """The newest step whose save completed, and the newer steps whose save did not.
+
+        A kill between orbax's commit of a step and the manifest (or during the manifest)
+        leaves a step without a manifest: a resume falls back to the step before it.
+        """
+        incomplete = []
+        for step in reversed(self.steps()):
+            if _is_complete(self._step_dir(step)):
+                return step, incomplete[::-1]
+            incomplete.append(step)
+        return None, incomplete[::-1]
 
     def _error(self, step: int, reason: str, *, damaged: bool = True) -> CheckpointError:
         others = [s for s in self.steps() if s != step]

@@ -106,8 +106,14 @@ def train(
                 f"no checkpoint at step {resume_step} in {checkpoints.directory} "
                 f"(steps: {existing or 'none'})"
             )
-        if existing:
-            step = existing[-1] if resume_step is None else resume_step
+        step = resume_step
+        if existing and step is None:
+            step, incomplete = checkpoints.newest_complete()
+            if incomplete:
+                _say_incomplete(checkpoints.directory, incomplete, step)
+            if step is None:  # only incomplete saves: the run starts again from step 0
+                checkpoints.delete_after(-1)
+        if step is not None:
             meta = checkpoints.check(step, state, run_fingerprint)
             state = checkpoints.restore(step, state, meta)
             history = history_from_json(meta["history"])
@@ -167,6 +173,19 @@ def train(
         wall_seconds=time.perf_counter() - started,
         resumed_from=resumed_from,
     )
+
+
+def _say_incomplete(directory: str, incomplete: list[int], step: int | None) -> None:
+    """One line on stderr: the run resumes before the saves that a stop interrupted."""
+    which = (
+        f"the checkpoint at step {incomplete[0]} in {directory} is incomplete (the run "
+        "stopped while saving it)"
+        if len(incomplete) == 1
+        else f"the checkpoints at steps {', '.join(map(str, incomplete))} in {directory} are "
+        "incomplete (the run stopped while saving them)"
+    )
+    where = f"step {step}" if step is not None else "step 0: no complete checkpoint"
+    print(f"asgd_jax.train: {which}; resuming from {where}", file=sys.stderr, flush=True)
 
 
 def _append(history: dict[str, list], metrics: Mapping[str, Any]) -> None:

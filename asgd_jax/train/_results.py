@@ -13,7 +13,10 @@ from asgd_jax import transforms
 from asgd_jax.train._config import TrainConfig
 from asgd_jax.train._program import TrainState
 
-__all__ = ["TrainResult", "plain", "summarize", "time_to_accuracy"]
+__all__ = ["DIVERGENCE_FACTOR", "TrainResult", "plain", "summarize", "time_to_accuracy"]
+
+# A run has diverged when its training loss exceeds this many times its value at step 0.
+DIVERGENCE_FACTOR = 10.0
 
 
 @dataclasses.dataclass
@@ -51,6 +54,18 @@ class TrainResult:
     def params(self) -> Any:
         """The final parameters."""
         return self.state.params
+
+    @property
+    def diverged(self) -> np.ndarray:
+        """Whether the run diverged (one per seed).
+
+        At some evaluation its training loss was non-finite or above ``DIVERGENCE_FACTOR``
+        times its value at step 0, or a minibatch loss was non-finite.
+        """
+        train_loss = np.asarray(self.history["train_loss"], np.float64)
+        batch_loss = np.asarray(self.history["batch_loss"], np.float64)[..., 1:]
+        exploded = ~np.isfinite(train_loss) | (train_loss > DIVERGENCE_FACTOR * train_loss[..., :1])
+        return exploded.any(-1) | ~np.isfinite(batch_loss).all(-1)
 
     @property
     def mean_staleness(self) -> np.ndarray:
@@ -105,7 +120,8 @@ def summarize(result: TrainResult, target_accuracy: float | None = None) -> dict
         run never reaches it).
 
     Returns:
-      A JSON-ready dict.
+      A JSON-ready dict: the final metrics, ``diverged`` (:attr:`TrainResult.diverged`),
+      ``time_unit`` and ``wall_seconds``.
     """
     history = result.history
     out: dict[str, Any] = {}
@@ -117,6 +133,7 @@ def summarize(result: TrainResult, target_accuracy: float | None = None) -> dict
         out["time_to_target"] = plain(time_to_accuracy(history, target_accuracy))
         steps = dict(history, time=history["step"])
         out["steps_to_target"] = plain(time_to_accuracy(steps, target_accuracy))
+    out["diverged"] = plain(result.diverged)
     out["time_unit"] = result.time_unit
     out["wall_seconds"] = result.wall_seconds
     return out
