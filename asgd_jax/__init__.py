@@ -43,6 +43,8 @@ _LAZY_SUBMODULES = (
     "train",
     "cli",
     "experiments",
+    "nnx",
+    "linen",
 )
 
 __all__ = [
