@@ -60,6 +60,13 @@ def _value_parser(spec: train_lib.ConfigField) -> Callable[[str], Any]:
                 raise argparse.ArgumentTypeError(
                     f"expected comma-separated integers, got {text!r}"
                 ) from None
+        if base is bool:
+            word = text.strip().lower()
+            if word in ("true", "yes", "1", "on"):
+                return True
+            if word in ("false", "no", "0", "off"):
+                return False
+            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
         if base is int:
             try:
                 return int(text)

@@ -68,8 +68,9 @@ def make_delay_model(config: TrainConfig) -> delays_lib.DelayModel:
     n = config.num_workers
     max_delay = config.max_delay
     bounded = (
-        config.protocol == "k_sync"
+        config.protocol in ("k_sync", "rennala")
         or config.max_staleness is not None
+        or config.threshold is not None
         or (config.compute_time == "deterministic")
     )
     if max_delay is None and not bounded:
@@ -85,6 +86,8 @@ def make_delay_model(config: TrainConfig) -> delays_lib.DelayModel:
         protocol=config.protocol,
         max_staleness=config.max_staleness,
         k=config.k,
+        threshold=config.threshold,
+        stops=config.stops,
         max_delay=max_delay,
     )
 

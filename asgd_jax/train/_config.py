@@ -49,7 +49,7 @@ MITIGATIONS = (
 )
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
 COMPUTE_TIMES = ("deterministic", "exponential", "shifted_exponential", "lognormal", "pareto")
-PROTOCOLS = ("async", "ssp", "k_async", "k_sync")
+PROTOCOLS = ("async", "ssp", "k_async", "k_sync", "rennala", "ringmaster")
 DATA_STREAMS = ("shared", "per_worker")
 
 
@@ -138,12 +138,30 @@ class TrainConfig:
     )
     protocol: str = _field(
         "async",
-        "worker protocol: async, ssp (stale synchronous), k_async, k_sync (k=n: fully sync)",
+        "worker protocol: async, ssp (stale synchronous), k_async, k_sync (k=n: fully sync), "
+        "rennala (Rennala SGD, k=S), ringmaster (Ringmaster ASGD, threshold=R)",
         group="workers",
         choices=PROTOCOLS,
     )
     k: int | None = _field(
-        None, "K for k_async (required) and k_sync (default n)", group="workers", low=1
+        None,
+        "K for k_async (required) and k_sync (default n); S, the gradients per update, for "
+        "rennala (required)",
+        group="workers",
+        low=1,
+    )
+    threshold: int | None = _field(
+        None,
+        "Ringmaster's delay threshold R: gradients with delay >= R are ignored (default: "
+        "none, plain ASGD)",
+        group="workers",
+        low=1,
+    )
+    stops: bool = _field(
+        False,
+        "rennala / ringmaster: stop stale computations at once and restart them at the "
+        "current point",
+        group="workers",
     )
     compute_time: str = _field(
         "exponential",
@@ -242,8 +260,15 @@ class TrainConfig:
         if self.delay == "workers":
             if self.protocol == "k_async" and self.k is None:
                 raise ValueError("protocol='k_async' needs k (gradients per update)")
-            if self.protocol in ("async", "ssp") and self.k is not None:
-                raise ValueError(f"k applies to k_async and k_sync, not {self.protocol!r}")
+            if self.protocol == "rennala" and self.k is None:
+                raise ValueError("protocol='rennala' needs k (S, the gradients per update)")
+            if self.protocol in ("async", "ssp", "ringmaster") and self.k is not None:
+                raise ValueError(f"k applies to k_async, k_sync and rennala, not {self.protocol!r}")
+            if self.protocol in ("rennala", "ringmaster") and self.max_staleness is not None:
+                raise ValueError(
+                    f"max_staleness does not apply to protocol={self.protocol!r} (rennala: "
+                    "τ = 0; ringmaster: use threshold R, which ignores delays >= R)"
+                )
             if self.protocol == "k_sync" and self.k is not None and self.k > self.num_workers:
                 raise ValueError(
                     f"k must be in [1, num_workers={self.num_workers}] for k_sync, got {self.k}"
@@ -252,15 +277,29 @@ class TrainConfig:
                 raise ValueError("protocol='ssp' needs max_staleness (the allowed clock gap S)")
             if self.protocol == "k_sync" and self.max_staleness is not None:
                 raise ValueError("max_staleness does not apply to protocol='k_sync' (τ = 0)")
+        if self.threshold is not None and (
+            self.delay != "workers" or self.protocol != "ringmaster"
+        ):
+            raise ValueError(
+                "threshold applies to delay='workers' with protocol='ringmaster', got "
+                f"delay={self.delay!r}, protocol={self.protocol!r}"
+            )
+        if self.stops and (
+            self.delay != "workers" or self.protocol not in ("rennala", "ringmaster")
+        ):
+            raise ValueError(
+                "stops applies to delay='workers' with protocol 'rennala' or 'ringmaster', got "
+                f"delay={self.delay!r}, protocol={self.protocol!r}"
+            )
 
     @property
     def gradients_per_update(self) -> int:
-        """K for K-sync / K-async worker protocols (the batch is K × batch_size), else 1."""
+        """K for K-sync / K-async, S for Rennala (the batch is K × batch_size), else 1."""
         if self.delay != "workers":
             return 1
         if self.protocol == "k_sync":
             return self.num_workers if self.k is None else self.k
-        if self.protocol == "k_async":
+        if self.protocol in ("k_async", "rennala"):
             return int(self.k)
         return 1
 

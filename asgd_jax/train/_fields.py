@@ -39,7 +39,7 @@ class ConfigField(NamedTuple):
     """One field of :class:`~asgd_jax.train.TrainConfig` as its consumers (the CLI) read it."""
 
     name: str
-    type: Any  # int, float, str or tuple[int, ...]
+    type: Any  # bool, int, float, str or tuple[int, ...]
     optional: bool  # whether None is allowed
     default: Any
     group: str  # a key of CONFIG_GROUPS
@@ -114,6 +114,10 @@ def check_field(spec: ConfigField, meta: Mapping[str, Any], value: Any) -> Any:
         if isinstance(value, str) or not isinstance(value, Sequence):
             raise TypeError(f"{name} must be a list of ints, got {value!r}")
         return tuple(check_min_int(f"{name}[{i}]", v, meta["low"]) for i, v in enumerate(value))
+    if base is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be true or false, got {value!r}")
+        return value
     if base is str:
         if not isinstance(value, str):
             raise TypeError(f"{name} must be a string, got {value!r}")
