@@ -1,5 +1,6 @@
 """Parameter-server simulation: exact sequences, queueing identities, laws, protocols."""
 
+import functools
 import math
 
 import chex
@@ -703,3 +704,148 @@ def test_infinite_mean_pareto_is_simulated_without_rates():
     assert np.all(np.isfinite(trace.time)) and np.all(np.diff(trace.time) >= 0)
     finite = workers.parameter_server(4, workers.pareto(1.0, 2.5), max_delay=400)
     assert finite.update_rate == pytest.approx(4 / 2.5 * 1.5) and finite.mean_staleness == 3.0
+
+
+# --------------------------------------------------------------------------------------------
+# Traced parameters (sweeps under vmap) and value keys.
+
+TRACED = (
+    jnp.array([0.5, 1.0, 2.0]),  # law parameter
+    jnp.array([1.0, 2.5, 4.0]),  # slow_factor
+    jnp.array([0.0, 0.25, 0.5]),  # comm_time
+    jnp.array([0, 2, 5]),  # num_slow
+)
+
+
+def _traced_build(law, slow, comm, num_slow, make=workers.exponential):
+    return workers.parameter_server(
+        6, make(law), num_slow=num_slow, slow_factor=slow, comm_time=comm, max_delay=90
+    )
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        workers.exponential,
+        workers.deterministic,
+        lambda v: workers.shifted_exponential(v, 1.0),
+        lambda v: workers.lognormal(mean=1.0, cv=v),
+        lambda v: workers.lognormal(0.0, v),
+        lambda v: workers.pareto(v, 2.5),
+    ],
+    ids=["exponential", "deterministic", "shifted", "lognormal_cv", "lognormal", "pareto"],
+)
+def test_traced_parameters_under_vmap_equal_separate_builds(make):
+    run = lambda *a: workers.simulate(_traced_build(*a, make=make), KEY, 300).staleness
+    batched = np.asarray(jax.vmap(run)(*TRACED))
+    for i in range(3):
+        args = [v[i].item() for v in TRACED]
+        np.testing.assert_array_equal(batched[i], np.asarray(run(*args)), err_msg=str(args))
+    assert len({tuple(row) for row in batched}) == 3
+
+
+def test_traced_model_drives_stale_inside_vmap():
+    loss = lambda p: 0.5 * jnp.sum(p["w"] ** 2)
+    params = {"w": jnp.ones(3)}
+
+    def run(mean, slow, num_slow):
+        model = workers.parameter_server(
+            4, workers.exponential(mean), num_slow=num_slow, slow_factor=slow, max_delay=40
+        )
+        assert model.traced and model.update_rate is None and model.pmf is None
+        with pytest.raises(TypeError, match="traced parameters"):
+            hash(model)
+        assert model == model and model != _traced_build(1.0, 2.0, 0.0, 1)
+        tx = asgd.stale(optax.sgd(0.1), delay=model, seed=3)
+        step = asgd.make_step(loss, tx)
+
+        def body(carry, _):
+            tau = asgd.staleness(carry[1])
+            p, s, _ = step(*carry)
+            return (p, s), tau
+
+        return jax.lax.scan(body, (params, tx.init(params)), None, length=50)[1]
+
+    means, slows, num_slow = jnp.array([0.5, 2.0]), jnp.array([2.0, 8.0]), jnp.array([1, 3])
+    taus = np.asarray(jax.jit(jax.vmap(run))(means, slows, num_slow))
+    for i in range(2):
+        model = workers.parameter_server(
+            4,
+            workers.exponential(means[i].item()),
+            num_slow=num_slow[i].item(),
+            slow_factor=slows[i].item(),
+            max_delay=40,
+        )
+        expected = workers.simulate(model, jax.random.key(3), 50).staleness
+        np.testing.assert_array_equal(taus[i], expected)
+
+
+def test_traced_parameters_checks():
+    law = workers.exponential(1.0)
+
+    def deterministic(t):  # the deterministic bound needs the value: max_delay is required
+        return workers.parameter_server(4, workers.deterministic(t)).max_delay
+
+    with pytest.raises(ValueError, match="max_delay"):
+        jax.vmap(deterministic)(jnp.array([1.0, 2.0]))
+
+    # Structural bounds need no value: k_sync is 0, a drop threshold is S.
+    def bounds(t):
+        sync = workers.parameter_server(4, workers.exponential(t), protocol="k_sync")
+        drop = workers.parameter_server(4, workers.exponential(t), max_staleness=3)
+        assert (sync.max_delay, drop.max_delay) == (0, 3)
+        return t
+
+    jax.vmap(bounds)(jnp.array([1.0, 2.0]))
+    with pytest.raises(TypeError, match="num_slow"):
+        jax.vmap(lambda s: workers.parameter_server(4, law, num_slow=s, max_delay=9))(
+            jnp.array([1.0, 2.0])
+        )
+    with pytest.raises(TypeError, match="mean"):
+        jax.vmap(lambda m: workers.exponential(m))(jnp.ones((2, 3)))
+    with pytest.raises(ValueError, match="sorted"):
+        jax.vmap(
+            lambda m: workers.simulate(
+                workers.parameter_server(4, workers.exponential(m), max_delay=9),
+                KEY,
+                5,
+                method="sorted",
+            )
+        )(jnp.array([1.0, 2.0]))
+    with pytest.raises(TypeError, match="concrete"):
+        jax.vmap(lambda m: workers.exponential(m).ppf(0.5))(jnp.array([1.0, 2.0]))
+    # Concrete values are still checked before tracing, naming the argument.
+    with pytest.raises(ValueError, match="slow_factor"):
+        workers.parameter_server(4, law, num_slow=1, slow_factor=jnp.float32(0.5), max_delay=9)
+
+
+def test_worker_models_compare_and_hash_by_value():
+    kwargs = dict(num_slow=2, slow_factor=3.0, comm_time=0.25, max_delay=60)
+    a = workers.parameter_server(6, workers.lognormal(mean=1.0, cv=0.5), **kwargs)
+    b = workers.parameter_server(6, workers.lognormal(mean=1.0, cv=0.5), **kwargs)
+    assert a is not b and a == b and hash(a) == hash(b)
+    assert workers.exponential(2.0) == workers.exponential(2.0) != workers.exponential(3.0)
+    assert hash(workers.pareto(1.0, 2.0)) == hash(workers.pareto(1.0, 2.0))
+    assert a != workers.parameter_server(
+        6, workers.lognormal(mean=1.0, cv=0.5), **{**kwargs, "slow_factor": 2.0}
+    )
+    assert a != workers.parameter_server(6, workers.lognormal(mean=1.0, cv=0.6), **kwargs)
+    # A rebuilt optimizer with an equal worker model does not recompile a jitted step.
+    traces = []
+
+    @jax.jit
+    def step(state):
+        traces.append(1)  # runs once per trace
+        return asgd.delay_report(state)["time"]
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def first_tau(model, key):
+        traces.append(2)
+        return model.next(model.init(key))[0]
+
+    params = {"w": jnp.ones(2)}
+    for model in (a, b):
+        tx = asgd.stale(optax.sgd(0.1), delay=model, seed=0)
+        step(tx.init(params))
+        first_tau(model, KEY)
+    assert traces == [1, 2]

@@ -17,9 +17,16 @@ from asgd_jax.workers._state import WorkerState
 def cycle_time_fn(
     n: int, law: ComputeTime, comm: ComputeTime | None, mult: np.ndarray
 ) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
-    """``(seed, worker, index) -> m_worker·X + C`` for the worker's ``index``-th cycle."""
-    equal = bool(np.all(mult == mult[0]))
-    mult32 = np.asarray(mult, np.float32)
+    """``(seed, worker, index) -> m_worker·X + C`` for the worker's ``index``-th cycle.
+
+    ``mult`` is a NumPy array, or a float32 JAX array when traced (the same values read by
+    index, so the products are the same float32 operations).
+    """
+    if isinstance(mult, jax.Array):
+        equal, mult32 = False, mult.astype(jnp.float32)
+    else:
+        equal = bool(np.all(mult == mult[0]))
+        mult32 = np.asarray(mult, np.float32)
 
     def cycle_time(seed: jax.Array, worker: jax.Array, index: jax.Array) -> jax.Array:
         # Worker i's c-th computation reads counter c·n + i: independent of the protocol.

@@ -30,6 +30,42 @@ def _open_uniform(seed: jax.Array, counter: jax.Array, stream: int) -> jax.Array
     return jnp.floor(u * jnp.float32(2.0**23)) * jnp.float32(2.0**-23) + jnp.float32(2.0**-24)
 
 
+def is_traced(value: Any) -> bool:
+    """Whether ``value`` is a JAX tracer (a parameter given inside ``jit`` / ``vmap``)."""
+    return isinstance(value, jax.core.Tracer)
+
+
+def real_param(name: str, value: Any, **bounds: Any) -> Any:
+    """A law or server parameter: checked like ``check_real`` when concrete, kept if traced.
+
+    A tracer (e.g. a learning-rate-style sweep value under ``jax.vmap``) cannot be checked
+    before tracing, so only its shape and dtype are: it must be a real scalar. A concrete
+    0-d JAX or NumPy array is read as the Python number it holds and checked.
+    """
+    if is_traced(value):
+        if jnp.ndim(value) != 0 or not jnp.issubdtype(jnp.result_type(value), jnp.number):
+            raise TypeError(f"`{name}` must be a real scalar, got a traced {value.aval}.")
+        if jnp.issubdtype(jnp.result_type(value), jnp.complexfloating):
+            raise TypeError(f"`{name}` must be real, got a traced {value.aval}.")
+        return value
+    if isinstance(value, (jax.Array, np.ndarray)) and np.ndim(value) == 0:
+        value = value.item()
+    return check_real(name, value, **bounds)
+
+
+def _format(value: Any) -> str:
+    return "traced" if is_traced(value) else f"{value:g}"
+
+
+def _requires_concrete(law: ComputeTime, what: str) -> None:
+    if law.traced:
+        raise TypeError(
+            f"{what} of {law.name} needs concrete parameters, but they are JAX tracers (the "
+            "law was built inside jit/vmap). Build it from Python numbers for NumPy-side "
+            "quantities; sampling (`sample`, `draw`) works with traced parameters."
+        )
+
+
 class ComputeTime:
     """A law of the time one worker needs for one gradient (a positive random variable).
 
@@ -42,6 +78,17 @@ class ComputeTime:
     * ``ppf(u)`` / ``cdf(t)``: quantile and distribution function in NumPy (float64);
     * ``laplace(s)``: E[e^{−sT}] in NumPy for real or complex ``s`` — in closed form where one
       exists, else by quadrature of ``e^{−s·ppf(u)}`` over ``u ∈ (0, 1)`` (``Re s ≥ 0``).
+
+    Parameters may be JAX tracers (a law built inside ``jax.vmap`` / ``jit``, e.g. to sweep
+    a mean in one compiled program): ``sample`` and ``draw`` then trace through them and give
+    the same float32 draws as the law built from the same values as Python numbers; ``mean``
+    and ``var`` are JAX scalars; the NumPy-side ``ppf``, ``cdf`` and ``laplace`` need
+    concrete parameters and say so.
+
+    Laws compare and hash by value (their type and parameters), so two equal builds of a
+    model give equal static metadata and a jitted function is not recompiled. A law with
+    traced parameters equals only itself and cannot be hashed (it cannot be a static
+    argument or a cache key: its values are only known at run time).
     """
 
     name: str = "compute_time"
@@ -60,9 +107,11 @@ class ComputeTime:
         raise NotImplementedError
 
     def ppf(self, u: Any) -> np.ndarray:
+        _requires_concrete(self, "ppf")
         raise NotImplementedError
 
     def cdf(self, t: Any) -> np.ndarray:
+        _requires_concrete(self, "cdf")
         raise NotImplementedError
 
     def draw(self, key: chex.PRNGKey, shape: Sequence[int] = ()) -> jax.Array:
@@ -73,6 +122,7 @@ class ComputeTime:
 
     def laplace(self, s: Any) -> np.ndarray:
         """E[e^{−sT}] by adaptive quadrature over the quantile function (``Re s ≥ 0``)."""
+        _requires_concrete(self, "laplace")
         s_arr = np.asarray(s)
         if np.any(np.real(s_arr) < 0):
             raise ValueError(
@@ -97,8 +147,36 @@ class ComputeTime:
     def __repr__(self) -> str:
         return self.name
 
+    @property
+    def params(self) -> tuple[Any, ...]:
+        """The law's parameters, in field order."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))  # type: ignore[arg-type]
 
-@dataclasses.dataclass(frozen=True, repr=False)
+    @property
+    def traced(self) -> bool:
+        """Whether any parameter is a JAX tracer (the law was built inside jit/vmap)."""
+        return any(is_traced(p) for p in self.params)
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if type(self) is not type(other):
+            return NotImplemented if not isinstance(other, ComputeTime) else False
+        if self.traced or other.traced:  # type: ignore[union-attr]
+            return False
+        return self.params == other.params  # type: ignore[union-attr]
+
+    def __hash__(self) -> int:
+        if self.traced:
+            raise TypeError(
+                f"{self.name} has traced parameters (built inside jit/vmap), so it has no "
+                "value to hash: it cannot be a static argument or a cache key. Build it from "
+                "Python numbers for that, or pass it only inside the traced function."
+            )
+        return hash((type(self).__qualname__, self.params))
+
+
+@dataclasses.dataclass(frozen=True, repr=False, eq=False)
 class Deterministic(ComputeTime):
     """T = ``time`` always."""
 
@@ -106,7 +184,7 @@ class Deterministic(ComputeTime):
 
     @property
     def name(self) -> str:
-        return f"deterministic({self.time:g})"
+        return f"deterministic({_format(self.time)})"
 
     @property
     def mean(self) -> float:
@@ -120,16 +198,19 @@ class Deterministic(ComputeTime):
         return jnp.full(jnp.shape(u), self.time, jnp.float32)
 
     def ppf(self, u: Any) -> np.ndarray:
+        _requires_concrete(self, "ppf")
         return np.full(np.shape(u), self.time)
 
     def cdf(self, t: Any) -> np.ndarray:
+        _requires_concrete(self, "cdf")
         return (np.asarray(t, np.float64) >= self.time).astype(np.float64)
 
     def laplace(self, s: Any) -> np.ndarray:
+        _requires_concrete(self, "laplace")
         return np.exp(-np.asarray(s) * self.time)
 
 
-@dataclasses.dataclass(frozen=True, repr=False)
+@dataclasses.dataclass(frozen=True, repr=False, eq=False)
 class Exponential(ComputeTime):
     """T ~ Exponential with mean ``scale`` (memoryless; the classic queueing model)."""
 
@@ -137,7 +218,7 @@ class Exponential(ComputeTime):
 
     @property
     def name(self) -> str:
-        return f"exponential({self.scale:g})"
+        return f"exponential({_format(self.scale)})"
 
     @property
     def mean(self) -> float:
@@ -151,16 +232,19 @@ class Exponential(ComputeTime):
         return -jnp.float32(self.scale) * jnp.log1p(-u)
 
     def ppf(self, u: Any) -> np.ndarray:
+        _requires_concrete(self, "ppf")
         return -self.scale * np.log1p(-np.asarray(u, np.float64))
 
     def cdf(self, t: Any) -> np.ndarray:
+        _requires_concrete(self, "cdf")
         return -np.expm1(-np.maximum(np.asarray(t, np.float64), 0.0) / self.scale)
 
     def laplace(self, s: Any) -> np.ndarray:
+        _requires_concrete(self, "laplace")
         return 1.0 / (1.0 + np.asarray(s) * self.scale)
 
 
-@dataclasses.dataclass(frozen=True, repr=False)
+@dataclasses.dataclass(frozen=True, repr=False, eq=False)
 class ShiftedExponential(ComputeTime):
     """T = ``shift`` + Exponential(mean ``scale``): a fixed minimum plus random slowdown."""
 
@@ -169,7 +253,7 @@ class ShiftedExponential(ComputeTime):
 
     @property
     def name(self) -> str:
-        return f"shifted_exponential({self.shift:g}, {self.scale:g})"
+        return f"shifted_exponential({_format(self.shift)}, {_format(self.scale)})"
 
     @property
     def mean(self) -> float:
@@ -183,18 +267,21 @@ class ShiftedExponential(ComputeTime):
         return jnp.float32(self.shift) - jnp.float32(self.scale) * jnp.log1p(-u)
 
     def ppf(self, u: Any) -> np.ndarray:
+        _requires_concrete(self, "ppf")
         return self.shift - self.scale * np.log1p(-np.asarray(u, np.float64))
 
     def cdf(self, t: Any) -> np.ndarray:
+        _requires_concrete(self, "cdf")
         excess = np.maximum(np.asarray(t, np.float64) - self.shift, 0.0)
         return -np.expm1(-excess / self.scale)
 
     def laplace(self, s: Any) -> np.ndarray:
+        _requires_concrete(self, "laplace")
         s = np.asarray(s)
         return np.exp(-s * self.shift) / (1.0 + s * self.scale)
 
 
-@dataclasses.dataclass(frozen=True, repr=False)
+@dataclasses.dataclass(frozen=True, repr=False, eq=False)
 class LogNormal(ComputeTime):
     """T = exp(``mu`` + ``sigma``·Z), Z standard normal. ``laplace`` is numerical."""
 
@@ -203,14 +290,18 @@ class LogNormal(ComputeTime):
 
     @property
     def name(self) -> str:
-        return f"lognormal({self.mu:g}, {self.sigma:g})"
+        return f"lognormal({_format(self.mu)}, {_format(self.sigma)})"
 
     @property
     def mean(self) -> float:
+        if self.traced:
+            return jnp.exp(self.mu + 0.5 * self.sigma**2)
         return math.exp(self.mu + 0.5 * self.sigma**2)
 
     @property
     def var(self) -> float:
+        if self.traced:
+            return jnp.expm1(self.sigma**2) * jnp.exp(2 * self.mu + self.sigma**2)
         return math.expm1(self.sigma**2) * math.exp(2 * self.mu + self.sigma**2)
 
     def sample(self, u: jax.Array) -> jax.Array:
@@ -218,16 +309,18 @@ class LogNormal(ComputeTime):
         return jnp.exp(jnp.float32(self.mu) + jnp.float32(self.sigma) * z)
 
     def ppf(self, u: Any) -> np.ndarray:
+        _requires_concrete(self, "ppf")
         return np.exp(self.mu + self.sigma * scipy.special.ndtri(np.asarray(u, np.float64)))
 
     def cdf(self, t: Any) -> np.ndarray:
+        _requires_concrete(self, "cdf")
         t = np.asarray(t, np.float64)
         with np.errstate(divide="ignore"):
             z = (np.log(np.maximum(t, 0.0)) - self.mu) / self.sigma
         return scipy.special.ndtr(z)
 
 
-@dataclasses.dataclass(frozen=True, repr=False)
+@dataclasses.dataclass(frozen=True, repr=False, eq=False)
 class Pareto(ComputeTime):
     """T = ``scale``·U^(−1/``alpha``): support [scale, ∞), P(T > t) = (scale/t)^alpha.
 
@@ -240,7 +333,7 @@ class Pareto(ComputeTime):
 
     @property
     def name(self) -> str:
-        return f"pareto({self.scale:g}, {self.alpha:g})"
+        return f"pareto({_format(self.scale)}, {_format(self.alpha)})"
 
     @property
     def tail_index(self) -> float:  # type: ignore[override]
@@ -249,32 +342,38 @@ class Pareto(ComputeTime):
     @property
     def mean(self) -> float:
         a = self.alpha
+        if self.traced:
+            return jnp.where(a <= 1, jnp.inf, a * self.scale / (a - 1))
         return math.inf if a <= 1 else a * self.scale / (a - 1)
 
     @property
     def var(self) -> float:
         a = self.alpha
+        if self.traced:
+            return jnp.where(a <= 2, jnp.inf, self.scale**2 * a / ((a - 1) ** 2 * (a - 2)))
         return math.inf if a <= 2 else self.scale**2 * a / ((a - 1) ** 2 * (a - 2))
 
     def sample(self, u: jax.Array) -> jax.Array:
         return jnp.float32(self.scale) * jnp.exp(-jnp.log1p(-u) / jnp.float32(self.alpha))
 
     def ppf(self, u: Any) -> np.ndarray:
+        _requires_concrete(self, "ppf")
         return self.scale * np.exp(-np.log1p(-np.asarray(u, np.float64)) / self.alpha)
 
     def cdf(self, t: Any) -> np.ndarray:
+        _requires_concrete(self, "cdf")
         t = np.maximum(np.asarray(t, np.float64), self.scale)
         return 1.0 - (self.scale / t) ** self.alpha
 
 
 def deterministic(time: float) -> Deterministic:
     """Every computation takes exactly ``time`` (> 0)."""
-    return Deterministic(check_real("time", time, strict=True))
+    return Deterministic(real_param("time", time, strict=True))
 
 
 def exponential(mean: float) -> Exponential:
     """Exponential compute times with the given ``mean`` (> 0)."""
-    return Exponential(check_real("mean", mean, strict=True))
+    return Exponential(real_param("mean", mean, strict=True))
 
 
 def shifted_exponential(shift: float, mean: float) -> ShiftedExponential:
@@ -287,7 +386,7 @@ def shifted_exponential(shift: float, mean: float) -> ShiftedExponential:
       shift: the minimum compute time, ≥ 0.
       mean: the mean of the exponential part (the time beyond ``shift``), > 0.
     """
-    return ShiftedExponential(check_real("shift", shift), check_real("mean", mean, strict=True))
+    return ShiftedExponential(real_param("shift", shift), real_param("mean", mean, strict=True))
 
 
 def lognormal(
@@ -306,23 +405,32 @@ def lognormal(
     if mean is not None or cv is not None:
         if mu is not None or sigma is not None or mean is None or cv is None:
             raise ValueError("Give either `mu` and `sigma`, or both `mean=` and `cv=`.")
-        mean = check_real("mean", mean, strict=True)
-        cv = check_real("cv", cv, strict=True)
+        mean = real_param("mean", mean, strict=True)
+        cv = real_param("cv", cv, strict=True)
+        if is_traced(mean) or is_traced(cv):
+            # float32 on the device: within a few ulp of the float64 conversion below.
+            mean, cv = jnp.asarray(mean, jnp.float32), jnp.asarray(cv, jnp.float32)
+            sigma2 = jnp.log1p(cv**2)
+            return LogNormal(jnp.log(mean) - 0.5 * sigma2, jnp.sqrt(sigma2))
         sigma2 = math.log1p(cv**2)
         return LogNormal(math.log(mean) - 0.5 * sigma2, math.sqrt(sigma2))
     if mu is None or sigma is None:
         raise ValueError("Give either `mu` and `sigma`, or both `mean=` and `cv=`.")
-    return LogNormal(check_real("mu", mu, low=-math.inf), check_real("sigma", sigma, strict=True))
+    return LogNormal(real_param("mu", mu, low=-math.inf), real_param("sigma", sigma, strict=True))
 
 
 def pareto(scale: float, alpha: float) -> Pareto:
     """Pareto compute times: minimum ``scale`` (> 0), tail index ``alpha`` (> 0)."""
-    return Pareto(check_real("scale", scale, strict=True), check_real("alpha", alpha, strict=True))
+    return Pareto(real_param("scale", scale, strict=True), real_param("alpha", alpha, strict=True))
 
 
 def _as_law(name: str, value: Any, *, allow_zero: bool = False) -> ComputeTime | None:
     if isinstance(value, ComputeTime):
         return value
+    if is_traced(value):  # a traced constant (0 adds nothing: t + 0 = t exactly)
+        return Deterministic(real_param(name, value))
+    if isinstance(value, (jax.Array, np.ndarray)) and np.ndim(value) == 0:
+        value = value.item()
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         value = check_real(name, value, strict=not allow_zero)
         return None if value == 0 else Deterministic(value)
@@ -351,6 +459,7 @@ def expected_order_statistic(
     Returns:
       The expectation (``math.inf`` when it diverges, e.g. Pareto with (n−k+1)·alpha ≤ 1).
     """
+    _requires_concrete(law, "expected_order_statistic")
     n = check_int("n", n, low=1)
     k = check_int("k", k, low=1, high=n)
     m = np.ones(n) if multipliers is None else np.asarray(multipliers, np.float64)

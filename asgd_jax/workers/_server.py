@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from collections.abc import Callable, Sequence
 
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from asgd_jax import delays
-from asgd_jax._validation import check_int, check_optional, check_real
+from asgd_jax._validation import check_int, check_optional
 from asgd_jax.workers._events import build
 from asgd_jax.workers._laws import (
     ComputeTime,
@@ -19,6 +20,8 @@ from asgd_jax.workers._laws import (
     Exponential,
     _as_law,
     expected_order_statistic,
+    is_traced,
+    real_param,
 )
 from asgd_jax.workers._state import WorkerState
 
@@ -56,6 +59,13 @@ class WorkerModel(delays.DelayModel):
       mean_staleness: steady-state mean staleness per applied gradient, (n − 1)/K without
         drops or blocking (any law; every update is seen by the n − 1 workers in flight),
         0 for k_sync, else ``None``.
+      traced: whether some parameter is a JAX tracer (the model was built inside
+        ``jit`` / ``vmap``); ``multipliers`` is then an array, the rates are
+        ``None`` and the model equals only itself and cannot be hashed.
+
+    Models compare and hash by value (``key``: the law, the multipliers and every
+    argument that shapes the simulation), so a rebuilt optimizer with an equal worker
+    model has an equal tree structure and a jitted step is not recompiled.
     """
 
     num_workers: int = 1
@@ -72,6 +82,24 @@ class WorkerModel(delays.DelayModel):
     update_rate: float | None = None
     mean_staleness: float | None = None
     arrival: Callable[[WorkerState], WorkerState] | None = None
+    traced: bool = False
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if self.traced or getattr(other, "traced", False):
+            return False
+        return super().__eq__(other)
+
+    def __hash__(self) -> int:
+        if self.traced:
+            raise TypeError(
+                f"{self.name} has traced parameters (built inside jit/vmap from JAX values), "
+                "so it has no value to hash: it cannot be a static argument of jax.jit or a "
+                "cache key. Use it inside the traced function that built it (e.g. as the delay "
+                "of asgd_jax.stale there), or build it from Python numbers."
+            )
+        return super().__hash__()
 
     def report(self, state: WorkerState) -> dict[str, jax.Array]:
         """The simulation's clock and counters after the arrival that delivers an update.
@@ -172,6 +200,35 @@ def parameter_server(
     no gradient is ever ignored. ``threshold=None`` (or ``math.inf``) is plain ASGD, bit for
     bit.
 
+    Traced parameters (sweeps in one compiled program): the compute-time law's parameters
+    (``deterministic(t)``, ``exponential(mean)``, ``shifted_exponential(shift, mean)``,
+    ``lognormal(mu, sigma)`` or ``lognormal(mean=, cv=)``, ``pareto(scale, alpha)``),
+    ``comm_time``, ``slow_factor`` and ``num_slow`` (an integer; the slow workers are those
+    with ``i >= n − num_slow``) may be JAX scalars traced by ``jax.vmap`` / ``jit``, at a
+    static ``num_workers`` and protocol. Their checks run only on concrete values (a tracer
+    is checked for being a real scalar); nothing reads a tracer's value, so bounds that need
+    one are not derived: ``max_delay`` must then be given explicitly, except where it is
+    structural (0 for k_sync and rennala, S or R − 1 for a drop threshold, the SSP bound).
+    The rates (``arrival_rate``, ``update_rate``, ``mean_staleness`` beyond the structural 0)
+    and ``pmf`` are ``None``. The model is a delay model like any other inside that trace —
+    ``asgd_jax.stale(inner, delay=model)`` and :func:`simulate` work there — and gives
+    exactly the τ of the same model built from the same values as Python numbers (the
+    draws are the same float32 operations). Two caveats, both exact when ``speeds`` is
+    ``None``: a traced ``slow_factor`` multiplies float32 ``1/speeds[i]`` in float32 (a
+    concrete one is multiplied in float64, then rounded), and ``lognormal(mean=, cv=)``
+    with traced arguments converts them to (mu, sigma) in float32, within a few ulp of the
+    float64 conversion (pass traced ``mu, sigma`` for bit-identical draws). Such a model
+    equals only itself and cannot be hashed: it cannot be a static argument of ``jax.jit``.
+    ::
+
+      def run(mean, slow):
+          model = workers.parameter_server(
+              8, workers.exponential(mean), num_slow=2, slow_factor=slow, max_delay=160
+          )
+          return workers.simulate(model, key, 1000).staleness
+
+      taus = jax.vmap(run)(jnp.array([0.5, 1.0, 2.0]), jnp.array([2.0, 4.0, 8.0]))
+
     Heavy-tailed compute times with an infinite mean (Pareto with ``alpha ≤ 1``) are
     simulated as they are (every draw is finite); their steady-state rates and mean
     staleness do not exist, and ``arrival_rate``, ``update_rate`` and ``mean_staleness``
@@ -188,16 +245,18 @@ def parameter_server(
       compute_time: a law from this module, or a positive number (deterministic).
       speeds: optional n positive speed factors (worker i computes ``speeds[i]`` times
         faster than the law).
-      num_slow: the last ``num_slow`` workers are stragglers, in [0, n].
-      slow_factor: how much slower the stragglers are (≥ 1).
-      comm_time: ``None``, a number ≥ 0 (constant), or a law added to every cycle.
+      num_slow: the last ``num_slow`` workers are stragglers, in [0, n] (may be traced).
+      slow_factor: how much slower the stragglers are (≥ 1; may be traced).
+      comm_time: ``None``, a number ≥ 0 (constant; may be traced), or a law added to every
+        cycle.
       protocol: ``"async"``, ``"ssp"``, ``"k_async"``, ``"k_sync"``, ``"rennala"`` or
         ``"ringmaster"``.
       max_staleness: S ≥ 0; async/k_async drop gradients staler than S, ssp blocks workers
         more than S clocks ahead (required); not allowed for k_sync, rennala, ringmaster.
       k: K for k_async (required, ≥ 1) and k_sync (in [1, n], default n); the batch size S
         ≥ 1 for rennala (required).
-      max_delay: history bound; derived when possible (see above), else required.
+      max_delay: history bound; derived when possible (see above), else required (always
+        with traced parameters, unless structural).
       group_staleness: ``"mean"``, ``"max"`` or ``"min"`` (k_async only).
       threshold: Ringmaster's R ≥ 1 (an integer, or ``None`` / ``math.inf`` for R = ∞).
       stops: stop stale computations (rennala and ringmaster only).
@@ -221,8 +280,8 @@ def parameter_server(
         raise ValueError(
             f"`group_staleness` must be one of {_GROUP_RULES}, got {group_staleness!r}."
         )
-    num_slow = check_int("num_slow", num_slow, low=0, high=n)
-    slow_factor = check_real("slow_factor", slow_factor, low=1.0)
+    num_slow = _int_param("num_slow", num_slow, n)
+    slow_factor = real_param("slow_factor", slow_factor, low=1.0)
     if speeds is None:
         speed = np.ones(n)
     else:
@@ -230,7 +289,18 @@ def parameter_server(
         if speed.shape != (n,) or not np.all(np.isfinite(speed)) or np.any(speed <= 0):
             raise ValueError(f"`speeds` must be {n} finite positive numbers, got {speeds!r}.")
     mult = 1.0 / speed
-    mult[n - num_slow :] *= slow_factor
+    if is_traced(num_slow) or is_traced(slow_factor):
+        # The same float32 multipliers the concrete build rounds to, selected by a traced
+        # mask: i is slow iff i ≥ n − num_slow.
+        base = np.asarray(mult, np.float32)
+        if is_traced(slow_factor):
+            slow = jnp.asarray(base) * jnp.asarray(slow_factor, jnp.float32)
+        else:
+            slow = jnp.asarray(np.asarray(mult * slow_factor, np.float32))
+        is_slow = jnp.arange(n) >= n - jnp.asarray(num_slow, jnp.int32)
+        mult = jnp.where(is_slow, slow, jnp.asarray(base))
+    else:
+        mult[n - num_slow :] *= slow_factor
 
     if not isinstance(stops, bool):
         raise TypeError(f"`stops` must be True or False, got {stops!r}.")
@@ -277,17 +347,46 @@ def parameter_server(
     stops = stops and (protocol == "rennala" or threshold is not None)
 
     # ---- max_delay: given, or derived where a bound is provable.
-    comm_mean = 0.0 if comm is None else comm.mean
+    traced = (
+        law.traced
+        or (comm is not None and comm.traced)
+        or is_traced(num_slow)
+        or is_traced(slow_factor)
+    )
     constant_cycles = isinstance(law, Deterministic) and (
         comm is None or isinstance(comm, Deterministic)
     )
-    cycles = mult * law.mean + comm_mean
     bounds = []
     if protocol in ("k_sync", "rennala"):
         bounds.append(0)
     if max_staleness_rule is not None:
         bounds.append(max_staleness_rule if drops else (n - 1) * (2 * max_staleness + 1))
-    if constant_cycles and protocol not in ("k_sync", "rennala"):
+    value_bound = constant_cycles and protocol not in ("k_sync", "rennala")
+    if traced:
+        if max_delay is None and (value_bound or not bounds):
+            raise ValueError(
+                "`max_delay` is required: the worker model has traced parameters (built inside "
+                "jit/vmap), so no bound that depends on their values can be derived. Give an "
+                f"explicit static `max_delay` (e.g. {15 * n} for n={n}; larger delays are "
+                "clipped and counted in state.clipped)."
+            )
+        return _traced_model(
+            n=n,
+            law=law,
+            comm=comm,
+            mult=mult,
+            protocol=protocol,
+            max_staleness=max_staleness,
+            max_staleness_rule=max_staleness_rule,
+            k=k,
+            max_delay=check_int("max_delay", min(bounds) if max_delay is None else max_delay),
+            group_staleness=group_staleness,
+            threshold=threshold,
+            stops=stops,
+        )
+    comm_mean = 0.0 if comm is None else comm.mean
+    cycles = mult * law.mean + comm_mean
+    if value_bound:
         bounds.append(_deterministic_bound(cycles, k))
     if max_delay is None:
         if not bounds:
@@ -332,19 +431,7 @@ def parameter_server(
             pmf = p * (1.0 - p) ** np.arange(max_delay + 1)
             pmf[-1] = (1.0 - p) ** max_delay
 
-    name = f"parameter_server(n={n}, {law.name}, {protocol}"
-    if max_staleness is not None:
-        name += f", S={max_staleness}"
-    if protocol in ("k_async", "k_sync"):
-        name += f", K={k}"
-    if protocol == "rennala":
-        name += f", S={k}"
-    if protocol == "ringmaster":
-        name += f", R={'∞' if threshold is None else threshold}"
-    if stops:
-        name += ", stops"
-    name += ")"
-
+    name = _name(n, law, protocol, max_staleness, k, threshold, stops)
     init, arrival, next_ = build(
         n=n,
         law=law,
@@ -377,4 +464,105 @@ def parameter_server(
         update_rate=update_rate,
         mean_staleness=mean_staleness,
         arrival=arrival,
+        key=(
+            "parameter_server",
+            n,
+            law,
+            comm,
+            _digest(mult),
+            protocol,
+            max_staleness,
+            k,
+            max_delay,
+            group_staleness,
+            threshold,
+            stops,
+        ),
+    )
+
+
+def _digest(mult: np.ndarray) -> str:
+    """A short value key for the multipliers (n floats would be hashed at every jitted call)."""
+    data = np.ascontiguousarray(mult, np.float64).tobytes()
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def _int_param(name: str, value, n: int):
+    """``num_slow``: an int in [0, n] when concrete; a traced integer scalar is kept."""
+    if is_traced(value):
+        if jnp.ndim(value) != 0 or not jnp.issubdtype(jnp.result_type(value), jnp.integer):
+            raise TypeError(f"`{name}` must be an integer scalar, got a traced {value.aval}.")
+        return value
+    if isinstance(value, (jax.Array, np.ndarray)) and np.ndim(value) == 0:
+        value = value.item()
+    return check_int(name, value, low=0, high=n)
+
+
+def _name(n, law, protocol, max_staleness, k, threshold, stops) -> str:
+    name = f"parameter_server(n={n}, {law.name}, {protocol}"
+    if max_staleness is not None:
+        name += f", S={max_staleness}"
+    if protocol in ("k_async", "k_sync"):
+        name += f", K={k}"
+    if protocol == "rennala":
+        name += f", S={k}"
+    if protocol == "ringmaster":
+        name += f", R={'∞' if threshold is None else threshold}"
+    if stops:
+        name += ", stops"
+    return name + ")"
+
+
+def _traced_model(
+    *,
+    n,
+    law,
+    comm,
+    mult,
+    protocol,
+    max_staleness,
+    max_staleness_rule,
+    k,
+    max_delay,
+    group_staleness,
+    threshold,
+    stops,
+) -> WorkerModel:
+    """The model of traced parameters: the same event logic, no value-dependent extras."""
+    structural = protocol in ("k_sync", "rennala")
+    pmf = None
+    if structural:
+        pmf = np.zeros(max_delay + 1)
+        pmf[0] = 1.0
+    init, arrival, next_ = build(
+        n=n,
+        law=law,
+        comm=comm,
+        mult=mult,
+        protocol=protocol,
+        threshold=max_staleness_rule,
+        k=k,
+        max_delay=max_delay,
+        group_staleness=group_staleness,
+        stops=stops,
+    )
+    return WorkerModel(
+        init=init,
+        next=next_,
+        max_delay=max_delay,
+        name=_name(n, law, protocol, max_staleness, k, threshold, stops),
+        pmf=pmf,
+        num_workers=n,
+        protocol=protocol,
+        compute_time=law,
+        comm_time=comm,
+        multipliers=mult,
+        max_staleness=max_staleness,
+        k=k,
+        group_staleness=group_staleness,
+        threshold=threshold,
+        stops=stops,
+        mean_staleness=0.0 if structural else None,
+        arrival=arrival,
+        traced=True,
     )

@@ -79,8 +79,7 @@ def _scan_records(
     return jax.tree.map(lambda x: x.reshape((blocks * _BLOCK,) + x.shape[2:])[:num], records)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def _simulate(model: WorkerModel, key: chex.PRNGKey, num: int) -> WorkerTrace:
+def _simulate_fn(model: WorkerModel, key: chex.PRNGKey, num: int) -> WorkerTrace:
     def step(state):
         tau, state = model.next(state)
         return state, _snapshot(state, tau)
@@ -88,8 +87,7 @@ def _simulate(model: WorkerModel, key: chex.PRNGKey, num: int) -> WorkerTrace:
     return _per_record(_scan_records(step, model.init(key), num))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def _simulate_events(model: WorkerModel, key: chex.PRNGKey, num: int) -> WorkerTrace:
+def _simulate_events_fn(model: WorkerModel, key: chex.PRNGKey, num: int) -> WorkerTrace:
     def step(state):
         state = model.arrival(state)
         return state, _snapshot(state, state.staleness)
@@ -111,13 +109,33 @@ def cycle_times(model: WorkerModel, key: chex.PRNGKey, num_cycles: int) -> jax.A
     return _cycle_times(model, key, check_int("num_cycles", num_cycles, low=1))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def _cycle_times(model: WorkerModel, key: chex.PRNGKey, num_cycles: int) -> jax.Array:
+def _cycle_times_fn(model: WorkerModel, key: chex.PRNGKey, num_cycles: int) -> jax.Array:
     n = model.num_workers
-    fn = cycle_time_fn(n, model.compute_time, model.comm_time, np.asarray(model.multipliers))
+    mult = model.multipliers
+    mult = mult if isinstance(mult, jax.Array) else np.asarray(mult)
+    fn = cycle_time_fn(n, model.compute_time, model.comm_time, mult)
     index = jnp.arange(num_cycles, dtype=jnp.int32)[:, None]
     worker = jnp.arange(n, dtype=jnp.int32)[None, :]
     return fn(delays.key_words(key), worker, index)
+
+
+def _jitted(fn: Callable) -> Callable:
+    """``fn(model, key, num)`` jitted with the model static; called as is for a traced model.
+
+    A model with traced parameters lives inside the trace that built it (it has no value to
+    hash), so its runs are traced into that computation instead of compiled apart.
+    """
+    compiled = jax.jit(fn, static_argnums=(0, 2))
+
+    def call(model: WorkerModel, key: chex.PRNGKey, num: int):
+        return (fn if model.traced else compiled)(model, key, num)
+
+    return call
+
+
+_simulate = _jitted(_simulate_fn)
+_simulate_events = _jitted(_simulate_events_fn)
+_cycle_times = _jitted(_cycle_times_fn)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 3))
@@ -164,12 +182,17 @@ def simulate(
     num = check_int("num_updates", num_updates, low=1)
     if method not in _METHODS:
         raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
+    if method == "sorted" and model.traced:
+        raise ValueError(
+            f"`method='sorted'` needs concrete parameters (it sizes its cycle table from the "
+            f"compute-time law's mean); {model.name} has traced ones (use 'events' or 'auto')."
+        )
     if method == "sorted" and not _sorted.applicable(model):
         raise ValueError(
             f"`method='sorted'` needs 'async' or 'k_async' without `max_staleness`, or "
             f"'k_sync'; {model.name} feeds arrivals back into timing (use 'events' or 'auto')."
         )
-    if method == "events" or not _sorted.applicable(model):
+    if method == "events" or model.traced or not _sorted.applicable(model):
         return _simulate(model, key, num)
     return _simulate_sorted(model, key, num, _sorted.num_cycles(model, num * model.k))
 
