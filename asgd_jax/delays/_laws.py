@@ -33,8 +33,23 @@ def _table_model(pmf: np.ndarray, name: str, key: tuple) -> DelayModel:
     pmf = np.asarray(pmf, dtype=np.float64)
     pmf = pmf / pmf.sum()
     max_delay = pmf.size - 1
-    # Thresholds strictly inside (0, 1): τ = #{k < max_delay : cdf[k] <= u}.
-    cdf = np.cumsum(pmf)[:-1].astype(np.float32)
+    init, next_ = _table_draws(table_thresholds(pmf))
+    return DelayModel(init=init, next=next_, max_delay=max_delay, name=name, pmf=pmf, key=key)
+
+
+def table_thresholds(pmf: np.ndarray) -> np.ndarray:
+    """The float32 inverse-CDF thresholds a table model draws with: ``cumsum(pmf)[:-1]``.
+
+    τ = #{k < max_delay : thresholds[k] <= u} for the hashed uniform u of the step. The
+    thresholds of a built model are ``table_thresholds(model.pmf)``: a sweep passes them to
+    :func:`threshold_model` as data, so models of one ``max_delay`` share one program.
+    """
+    return np.cumsum(np.asarray(pmf, np.float64))[:-1].astype(np.float32)
+
+
+def _table_draws(thresholds: jax.Array | np.ndarray) -> tuple:
+    """``init`` and ``next`` of a model drawing by inverse CDF with ``thresholds``."""
+    max_delay = int(np.shape(thresholds)[-1])
 
     def init(key: chex.PRNGKey) -> DelayState:
         return DelayState(seed=key_words(key), count=jnp.zeros((), jnp.int32))
@@ -44,10 +59,29 @@ def _table_model(pmf: np.ndarray, name: str, key: tuple) -> DelayModel:
         if max_delay == 0:
             tau = jnp.zeros((), jnp.int32)
         else:
-            tau = jnp.sum(u >= jnp.asarray(cdf)).astype(jnp.int32)
+            tau = jnp.sum(u >= jnp.asarray(thresholds)).astype(jnp.int32)
         return tau, DelayState(state.seed, state.count + 1)
 
-    return DelayModel(init=init, next=next_, max_delay=max_delay, name=name, pmf=pmf, key=key)
+    return init, next_
+
+
+def threshold_model(thresholds: jax.Array, name: str = "table") -> DelayModel:
+    """A table model whose law is data: τ drawn with (possibly traced) ``thresholds``.
+
+    Draws exactly what the model whose :func:`table_thresholds` these are draws (same state,
+    same τ sequence for the same key), but the law may be a traced array, e.g. one row of a
+    vmapped sweep over delay means. The model compares by identity: build it inside the
+    traced function that uses it.
+
+    Args:
+      thresholds: float32 array of shape ``[max_delay]`` (non-decreasing, in (0, 1]).
+      name: a short description.
+    """
+    if np.ndim(thresholds) != 1:
+        raise ValueError(f"`thresholds` must be 1-D [max_delay], got shape {np.shape(thresholds)}")
+    max_delay = _check_max_delay("len(thresholds)", int(np.shape(thresholds)[0]))
+    init, next_ = _table_draws(thresholds)
+    return DelayModel(init=init, next=next_, max_delay=max_delay, name=name)
 
 
 def constant(tau: int) -> DelayModel:

@@ -7,6 +7,7 @@ Nothing here compiles or trains; :func:`check_fits` is the validation that needs
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import optax
@@ -26,6 +27,9 @@ __all__ = [
     "make_model",
     "make_optimizer",
 ]
+
+# The config fields make_optimizer's ``hyperparams`` may replace by traced values.
+OPTIMIZER_HYPERPARAMS = ("learning_rate", "momentum", "dc_lambda")
 
 
 def _compute_time_law(config: TrainConfig) -> workers_lib.ComputeTime:
@@ -93,7 +97,9 @@ def make_delay_model(config: TrainConfig) -> delays_lib.DelayModel:
 
 
 def make_optimizer(
-    config: TrainConfig, delay: delays_lib.DelayModel | None = None
+    config: TrainConfig,
+    delay: delays_lib.DelayModel | None = None,
+    hyperparams: Mapping[str, Any] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """``asgd.stale(inner, delay)`` for a config: the base optimizer with its mitigation.
 
@@ -106,17 +112,28 @@ def make_optimizer(
     Args:
       config: the run's configuration.
       delay: the delay model (default :func:`make_delay_model` of ``config``).
+      hyperparams: values (JAX scalars or tracers allowed) replacing the config's
+        ``learning_rate``, ``momentum`` and ``dc_lambda``: a vmapped sweep builds the
+        optimizer of each point inside the traced program this way. Without it the config's
+        Python floats are used, exactly as before.
 
     Returns:
       The optimizer; its state contains one :class:`asgd_jax.StaleState`.
     """
-    lr = config.learning_rate
+    hyper = dict(hyperparams or {})
+    unknown = sorted(set(hyper) - set(OPTIMIZER_HYPERPARAMS))
+    if unknown:
+        raise ValueError(
+            f"hyperparams may replace {', '.join(OPTIMIZER_HYPERPARAMS)}, got {unknown}"
+        )
+    lr = hyper.get("learning_rate", config.learning_rate)
+    momentum = hyper.get("momentum", config.momentum)
     if config.optimizer == "sgd":
         base = optax.sgd(lr)
     elif config.optimizer == "momentum":
-        base = optax.sgd(lr, momentum=config.momentum)
+        base = optax.sgd(lr, momentum=momentum)
     elif config.optimizer == "nesterov":
-        base = optax.sgd(lr, momentum=config.momentum, nesterov=True)
+        base = optax.sgd(lr, momentum=momentum, nesterov=True)
     else:
         base = optax.adam(lr)
     mitigation = config.mitigation
@@ -130,7 +147,7 @@ def make_optimizer(
         )
     elif mitigation in ("dc_asgd", "dc_asgd_adaptive"):
         compensation = transforms.delay_compensation(
-            config.dc_lambda, adaptive=mitigation == "dc_asgd_adaptive"
+            hyper.get("dc_lambda", config.dc_lambda), adaptive=mitigation == "dc_asgd_adaptive"
         )
         inner = optax.chain(compensation, base)
     else:

@@ -18,6 +18,7 @@ from asgd_jax import models as models_lib
 from asgd_jax.train._fields import (
     CONFIG_GROUPS,
     ROLES,
+    SWEEP_MODES,
     ConfigField,
     check_field,
     schema,
@@ -33,9 +34,11 @@ __all__ = [
     "OPTIMIZERS",
     "PROTOCOLS",
     "ROLES",
+    "SWEEP_MODES",
     "ConfigField",
     "TrainConfig",
     "fields_with_role",
+    "vmappable_fields",
 ]
 
 DELAYS = ("none", "constant", "uniform", "geometric", "poisson", "round_robin", "workers")
@@ -88,7 +91,9 @@ class TrainConfig:
     )
     # Optimizer.
     optimizer: str = _field("sgd", "base optimizer", group="optimizer", choices=OPTIMIZERS)
-    learning_rate: float = _field(0.1, "learning rate η", group="optimizer", low=0.0, strict=True)
+    learning_rate: float = _field(
+        0.1, "learning rate η", group="optimizer", low=0.0, strict=True, sweep="vmap"
+    )
     momentum: float = _field(
         0.9,
         "momentum (optimizer momentum / nesterov)",
@@ -96,6 +101,7 @@ class TrainConfig:
         low=0.0,
         high=1.0,
         high_open=True,
+        sweep="vmap",
     )
     mitigation: str = _field(
         "none",
@@ -105,7 +111,7 @@ class TrainConfig:
         choices=MITIGATIONS,
     )
     dc_lambda: float = _field(
-        0.04, "DC-ASGD variance-control parameter λ", group="optimizer", low=0.0
+        0.04, "DC-ASGD variance-control parameter λ", group="optimizer", low=0.0, sweep="vmap"
     )
     max_staleness: int | None = _field(
         None,
@@ -121,7 +127,7 @@ class TrainConfig:
         group="delays",
         choices=DELAYS,
     )
-    min_delay: int = _field(0, "smallest delay (uniform)", group="delays", low=0)
+    min_delay: int = _field(0, "smallest delay (uniform)", group="delays", low=0, sweep="vmap")
     max_delay: int | None = _field(
         None,
         "largest delay: the τ of constant, the top of uniform, the truncation of "
@@ -130,7 +136,7 @@ class TrainConfig:
         low=0,
     )
     delay_mean: float | None = _field(
-        None, "mean delay (geometric, poisson)", group="delays", low=0.0
+        None, "mean delay (geometric, poisson)", group="delays", low=0.0, sweep="vmap"
     )
     # Simulated workers.
     num_workers: int = _field(
@@ -365,3 +371,8 @@ _SCHEMA = schema(dataclasses.fields(TrainConfig), typing.get_type_hints(TrainCon
 def fields_with_role(*roles: str) -> tuple[str, ...]:
     """The names of the config fields whose ``role`` is one of ``roles``."""
     return tuple(f.name for f in _SCHEMA if f.role in roles)
+
+
+def vmappable_fields() -> tuple[str, ...]:
+    """The names of the config fields a sweep runs under ``vmap`` (metadata ``sweep="vmap"``)."""
+    return tuple(f.name for f in _SCHEMA if f.sweep == "vmap")

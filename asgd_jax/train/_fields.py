@@ -10,6 +10,15 @@ groups), its ``help``, its ``choices`` or range (``low``, ``strict``, ``high``,
 * ``"seed"``: the trajectory, not the program;
 * ``"length"``: how far the run goes (``num_steps``; a longer run extends a shorter one);
 * ``"checkpoint"``: how the run is saved (neither the program nor the trajectory).
+
+and how a sweep over it runs (``sweep``, read by :func:`asgd_jax.train.train`'s ``sweep=``
+and by ``asgd-jax sweep``):
+
+* ``"vmap"``: the field is a number that enters the program as data (a learning rate, a
+  delay law's mean at a fixed ``max_delay``), so every value of a sweep runs in one compiled
+  program, vmapped together with the seeds;
+* ``"loop"``: the field changes shapes or code (model size, ``max_delay``, batch size,
+  protocol, optimizer kind) or the data: one compiled program per value, in a loop.
 """
 
 from __future__ import annotations
@@ -21,7 +30,15 @@ from typing import Any, NamedTuple
 
 from asgd_jax._validation import check_min_int, check_real
 
-__all__ = ["CONFIG_GROUPS", "ROLES", "ConfigField", "check_field", "config_field", "split_optional"]
+__all__ = [
+    "CONFIG_GROUPS",
+    "ROLES",
+    "SWEEP_MODES",
+    "ConfigField",
+    "check_field",
+    "config_field",
+    "split_optional",
+]
 
 # The field groups, in order, with the title the CLI gives each.
 CONFIG_GROUPS = {
@@ -33,6 +50,7 @@ CONFIG_GROUPS = {
     "run": "steps, evaluation and checkpoints",
 }
 ROLES = ("program", "data", "seed", "length", "checkpoint")
+SWEEP_MODES = ("vmap", "loop")
 
 
 class ConfigField(NamedTuple):
@@ -47,6 +65,7 @@ class ConfigField(NamedTuple):
     help: str
     choices: tuple[str, ...] | None
     range: str  # allowed range in interval notation, e.g. "(0, ∞)"; "" if none
+    sweep: str = "loop"  # one of SWEEP_MODES: how a sweep over the field runs
 
 
 def config_field(
@@ -60,11 +79,12 @@ def config_field(
     strict: bool = False,
     high: float | None = None,
     high_open: bool = False,
+    sweep: str = "loop",
 ) -> Any:
     """A ``dataclasses.field`` carrying the schema metadata (see the module docstring)."""
-    assert group in CONFIG_GROUPS and role in ROLES, (group, role)
+    assert group in CONFIG_GROUPS and role in ROLES and sweep in SWEEP_MODES, (group, role, sweep)
     metadata = {"help": help, "group": group, "role": role, "choices": choices, "low": low}
-    metadata.update(strict=strict, high=high, high_open=high_open)
+    metadata.update(strict=strict, high=high, high_open=high_open, sweep=sweep)
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -98,6 +118,7 @@ def schema(fields: Sequence[dataclasses.Field], hints: Mapping[str, Any]) -> tup
             f.metadata["help"],
             f.metadata["choices"],
             describe_range(f.metadata),
+            f.metadata["sweep"],
         )
         for f in fields
     )
