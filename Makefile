@@ -3,7 +3,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
-PYTEST_ARGS ?=
+# The suite runs in TEST_WORKERS processes, one test file per process at a time
+# (module-scoped fixtures such as a local Ray cluster stay in one process).
+TEST_WORKERS ?= 2
+PYTEST_ARGS ?= -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: install test lint demo bench clean
 
