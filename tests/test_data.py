@@ -69,6 +69,37 @@ def test_bundled_build_is_array_record_and_reused(digits, data_dir, no_network):
     assert data.is_available("digits", data_dir)
 
 
+def test_concurrent_builds_in_separate_processes_share_one_build(tmp_path, digits):
+    """Processes loading the bundled dataset into a fresh directory at once share one build.
+
+    Without the build lock, tfds's final rename fails in all but the first.
+    """
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from asgd_jax import data; "
+        "d = data.load('digits', data_dir=sys.argv[1]); print(d.x_train.shape[0])"
+    )
+    env = {**__import__("os").environ, "JAX_PLATFORMS": "cpu"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(3)
+    ]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err[-2000:]
+        assert int(out.split()[-1]) == digits.x_train.shape[0]
+    builds = [p for p in tmp_path.rglob("*") if "incomplete" in p.name]
+    assert not builds, builds
+
+
 def test_data_dir_defaults_to_tfds_data_dir(digits, data_dir, monkeypatch):
     monkeypatch.setenv("TFDS_DATA_DIR", data_dir)
     assert data.default_data_dir() == data_dir

@@ -88,7 +88,6 @@ def prepare_bundled(name: str = DEFAULT_DATASET, data_dir: str | os.PathLike | N
     Returns:
       The directory holding the prepared version, ``<data_dir>/<builder>/<version>``.
     """
-    import tensorflow_datasets as tfds
 
     from asgd_jax.datasets import SklearnDigits
 
@@ -100,17 +99,48 @@ def prepare_bundled(name: str = DEFAULT_DATASET, data_dir: str | os.PathLike | N
     with _quiet_tfds():
         builder = SklearnDigits(data_dir=data_dir)
         prepared = builder.is_prepared()
-    if not prepared:
-        _logger.info("building the bundled dataset %r into %s", name, data_dir)
-        tqdm_utils = tfds.core.utils.tqdm_utils
-        bars_were_on = getattr(tqdm_utils, "_active", True)
-        tfds.display_progress_bar(False)
-        try:  # tfds prints build banners; keep stdout for the caller's own output
-            with contextlib.redirect_stdout(io.StringIO()):
-                builder.download_and_prepare(file_format="array_record")
-        finally:
-            tfds.display_progress_bar(bars_were_on)
+    if prepared:
+        return os.fspath(builder.data_dir)
+    # Several processes (test workers, worker actors) may load it at once: one builds it.
+    with _build_lock(data_dir, builder.name):
+        with _quiet_tfds():
+            builder = SklearnDigits(data_dir=data_dir)
+            prepared = builder.is_prepared()
+        if not prepared:
+            _build(name, data_dir, builder)
     return os.fspath(builder.data_dir)
+
+
+@contextlib.contextmanager
+def _build_lock(data_dir: str, builder_name: str):
+    """An exclusive lock file beside the dataset while it is built (POSIX; else no lock)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: builds in parallel processes may race
+        yield
+        return
+    os.makedirs(data_dir, exist_ok=True)
+    with open(os.path.join(data_dir, f".{builder_name}.lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build(name: str, data_dir: str, builder: Any) -> None:
+    """Builds the bundled dataset quietly (tfds prints banners and progress bars)."""
+    import tensorflow_datasets as tfds
+
+    _logger.info("building the bundled dataset %r into %s", name, data_dir)
+    tqdm_utils = tfds.core.utils.tqdm_utils
+    bars_were_on = getattr(tqdm_utils, "_active", True)
+    tfds.display_progress_bar(False)
+    try:  # tfds prints build banners; keep stdout for the caller's own output
+        with contextlib.redirect_stdout(io.StringIO()):
+            builder.download_and_prepare(file_format="array_record")
+    finally:
+        tfds.display_progress_bar(bars_were_on)
 
 
 def is_available(name: str, data_dir: str | os.PathLike | None = None) -> bool:
