@@ -82,15 +82,24 @@ def _as_arrays(tree: Any) -> Any:
     nnx = sys.modules.get("flax.nnx")
     if nnx is None:
         return tree
-    kinds = tuple(
-        k for k in (getattr(nnx, "Variable", None), getattr(nnx, "VariableState", None)) if k
-    )
+    # ``VariableState`` was folded into ``Variable`` (flax 0.11+ keeps a deprecated alias);
+    # read it from the module dict so the alias's warning is never triggered.
+    names = ("Variable", "VariableState")
+    kinds = tuple(dict.fromkeys(k for k in (vars(nnx).get(n) for n in names) if k))
     if not kinds:
         return tree
     is_variable = lambda x: isinstance(x, kinds)  # noqa: E731
     if not any(is_variable(x) for x in jax.tree.leaves(tree, is_leaf=is_variable)):
         return tree
-    return jax.tree.map(lambda x: x.value if is_variable(x) else x, tree, is_leaf=is_variable)
+    return jax.tree.map(
+        lambda x: _variable_value(x) if is_variable(x) else x, tree, is_leaf=is_variable
+    )
+
+
+def _variable_value(x: Any) -> Any:
+    # flax 0.12 deprecates ``.value`` in favour of ``get_value()``; older releases lack it.
+    get_value = getattr(x, "get_value", None)
+    return get_value() if callable(get_value) else x.value
 
 
 def check_params(s: Any, params: optax.Params, who: str) -> None:
