@@ -56,7 +56,7 @@ failed=()
 start=$SECONDS
 
 echo "== devices"
-if ! "$PYTHON" -c 'import jax; print("jax", jax.__version__, "| backend:", jax.default_backend()); print(jax.devices())' \
+if ! "$PYTHON" -c 'import jax; print("jax", jax.__version__, "| backend:", jax.default_backend()); print("devices:", jax.device_count(), "x", jax.devices()[0].device_kind); print(jax.devices())' \
   2>&1 | tee "$results/device.txt"; then
   failed+=(devices)
 fi

@@ -38,7 +38,7 @@ def test_tiny_check_on_cpu_writes_every_result(tmp_path):
     assert f"results in {results}" in done.stdout
 
     device = (results / "device.txt").read_text()
-    assert "backend: cpu" in device and "CpuDevice" in device
+    assert "backend: cpu" in device and "devices: 8 x cpu" in device
 
     suite = ElementTree.parse(results / "tests.xml").getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
