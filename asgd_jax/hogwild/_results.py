@@ -57,6 +57,12 @@ class HogwildMetrics(NamedTuple):
     torn_reads: int
     overlapping_writes: int
     write_residual: float
+    # The Ray backend's faults (defaults: the thread backend has none of them).
+    backend: str = "threads"
+    worker_restarts: np.ndarray | None = None  # per worker: times Ray restarted its process
+    server_restarts: int = 0  # times the server actor was restarted (and reloaded)
+    lost_gradients: int = 0  # gradients computed at versions a restarted server no longer had
+    duplicate_pushes: int = 0  # pushes Ray delivered again, dropped by (worker, sequence)
 
 
 class HogwildResult(NamedTuple):

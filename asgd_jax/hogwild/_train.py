@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +13,7 @@ import numpy as np
 import optax
 
 from asgd_jax._validation import as_key, check_min_int, check_optional, check_real
-from asgd_jax.hogwild import _programs
+from asgd_jax.hogwild import _programs, _ray
 from asgd_jax.hogwild._lock_free import LockFreeServer
 from asgd_jax.hogwild._locked import LockedServer
 from asgd_jax.hogwild._results import HogwildResult, summarize
@@ -22,13 +23,14 @@ from asgd_jax.hogwild._stragglers import STRAGGLER_TABLE, Straggler
 from asgd_jax.hogwild._sync import SyncServer
 from asgd_jax.step import make_step
 
-__all__ = ["MODES", "SERVERS", "train"]
+__all__ = ["BACKENDS", "MODES", "SERVERS", "train"]
 
 SERVERS: dict[str, type[Server]] = {
     cls.mode: cls for cls in (LockedServer, LockFreeServer, SyncServer)
 }
 """The consistency modes, each a :class:`Server` subclass."""
 MODES = tuple(SERVERS)  # ("locked", "lock_free", "sync")
+BACKENDS = ("threads", "ray")
 
 
 def train(
@@ -47,6 +49,11 @@ def train(
     record_pushes: bool = False,
     progress: bool = False,
     shutdown_timeout: float = 30.0,
+    backend: str = "threads",
+    ray_address: str | None = None,
+    checkpoint_every: int | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> HogwildResult:
     """Trains with ``num_workers`` real asynchronous worker threads and a parameter server.
 
@@ -87,6 +94,18 @@ def train(
       progress: show a tqdm progress bar.
       shutdown_timeout: seconds to wait for the threads after the run stops before
         reporting a thread stuck in user code as an error.
+      backend: ``"threads"`` (one process) or ``"ray"`` (a parameter-server actor and one
+        worker process per worker, on any Ray cluster; ``"locked"`` and ``"sync"`` only;
+        needs ``pip install 'asgd-jax[ray]'``). See :mod:`asgd_jax.hogwild`.
+      ray_address: ``backend="ray"``: the cluster to join (``"host:port"``, ``"auto"``);
+        ``None`` uses an initialized Ray, else ``RAY_ADDRESS``, else starts a local one.
+      checkpoint_every: ``backend="ray"``: the server checkpoints itself (orbax) every this
+        many updates and at the end; a server that dies is restarted and reloads the newest
+        checkpoint. Needs ``checkpoint_dir``.
+      checkpoint_dir: where the server's checkpoints go (on the server's machine: the
+        driver's); it must hold no checkpoint unless ``resume``.
+      resume: continue the run checkpointed in ``checkpoint_dir`` (e.g. after its driver
+        died) up to ``steps`` updates; pass the same model, optimizer, data and seed.
 
     Returns:
       A :class:`HogwildResult` (final params, optimizer state, metrics, trace, pushes).
@@ -100,6 +119,27 @@ def train(
         raise TypeError(f"`optimizer` must be an optax transformation, got {optimizer!r}.")
     if mode not in MODES:
         raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
+    if backend not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}.")
+    checkpoint_every = check_optional(check_min_int, "checkpoint_every", checkpoint_every, 1)
+    if backend == "ray":
+        checkpoint_dir = _ray.check_arguments(
+            mode=mode,
+            record_pushes=record_pushes,
+            checkpoint_every=checkpoint_every,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            ray_address=ray_address,
+        )
+    else:
+        for name, value, unset in (
+            ("ray_address", ray_address, None),
+            ("checkpoint_every", checkpoint_every, None),
+            ("checkpoint_dir", checkpoint_dir, None),
+            ("resume", resume, False),
+        ):
+            if value is not unset:
+                raise ValueError(f"`{name}` applies to backend='ray', got {name}={value!r}.")
     num_workers = check_min_int("num_workers", num_workers, 1)
     steps = check_optional(check_min_int, "steps", steps, 1)
     time_limit = check_optional(check_real, "time_limit", time_limit, strict=True, unit="seconds")
@@ -129,13 +169,31 @@ def train(
     key = as_key("seed", seed)
 
     step = make_step(loss_fn, optimizer)
-    server = SERVERS[mode](
-        step, params, num_workers=num_workers, steps=steps, record_pushes=record_pushes
-    )
+    server_kwargs = {"num_workers": num_workers, "steps": steps, "record_pushes": record_pushes}
+    server = SERVERS[mode](step, params, **server_kwargs)
     straggler_table = None
     if straggler is not None:
         straggler_table = straggler.table(
             jax.random.fold_in(key, 0x5747), num_workers, STRAGGLER_TABLE
+        )
+    if backend == "ray":
+        return _ray.train(
+            server_cls=SERVERS[mode],
+            server_kwargs=server_kwargs,
+            step=step,
+            params=params,
+            data=data,
+            key=key,
+            batch_size=batch_size,
+            straggler_table=straggler_table,
+            num_workers=num_workers,
+            steps=steps,
+            time_limit=time_limit,
+            ray_address=ray_address,
+            checkpoint_every=checkpoint_every,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            progress=progress,
         )
     run = Run(server, data, key=key, straggler_table=straggler_table)
     data_arrays = None if callable(data) else jax.tree.map(jnp.asarray, data)
