@@ -38,6 +38,8 @@ LR = 0.05
 SGD = optax.sgd(LR)
 ADAM = optax.adam(LR)
 _batch_of = jax.jit(hogwild.worker_batch, static_argnums=1)
+# The server rules (ringmaster, rennala) are tested in test_hogwild_rules.py.
+CONSISTENCY_MODES = ("locked", "lock_free", "sync")
 _grad = jax.jit(jax.grad(_squared_loss))
 
 
@@ -102,7 +104,7 @@ def test_locked_applies_exactly_the_logged_gradients_in_order():
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("mode", hogwild.MODES)
+@pytest.mark.parametrize("mode", CONSISTENCY_MODES)
 def test_one_worker_has_zero_staleness(mode):
     result = hogwild.train(
         _squared_loss,
@@ -242,7 +244,7 @@ def test_lock_free_counts_writes_and_keeps_every_small_update():
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("mode", hogwild.MODES)
+@pytest.mark.parametrize("mode", CONSISTENCY_MODES)
 def test_worker_exception_names_the_worker_and_leaks_no_thread(mode):
     # Worker 1's data function raises between two pushes: in sync mode the other workers are
     # left waiting at the barrier for a gradient that never comes.
@@ -414,7 +416,7 @@ def test_keyboard_interrupt_stops_every_thread():
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("mode", hogwild.MODES)
+@pytest.mark.parametrize("mode", CONSISTENCY_MODES)
 def test_more_workers_than_cores_with_a_pooled_convolution_do_not_deadlock(mode):
     # XLA:CPU runs a convolution this size on its intra-op pool (one thread per core), and the
     # host callbacks that follow it on pool threads. A callback that waited there (for a sync

@@ -9,7 +9,7 @@ import optax
 
 from asgd_jax.transforms import staleness_summary
 
-__all__ = ["HogwildError", "HogwildMetrics", "HogwildResult", "Trace"]
+__all__ = ["Discarded", "HogwildError", "HogwildMetrics", "HogwildResult", "Trace"]
 
 
 class HogwildError(RuntimeError):
@@ -39,8 +39,35 @@ class Trace(NamedTuple):
     loss: np.ndarray
 
 
+class Discarded(NamedTuple):
+    """Every gradient a server rule refused, in the order it was refused (not updates).
+
+    ``stopped[i]`` tells a stop (the server stopped the computation: Ringmaster or Rennala
+    with ``stops=True``) from a drop (refused on arrival: ``max_staleness``, Ringmaster's
+    threshold, Rennala's work at an old point). ``version`` is the server's version when it
+    was refused (a stop: when the server stopped it) and ``staleness = version −
+    version_pulled``; ``loss`` is the worker's loss
+    at the pulled parameters. Neither changes the parameters nor the version, so the
+    :class:`Trace` (the applied updates) alone replays the run.
+    """
+
+    worker: np.ndarray
+    version_pulled: np.ndarray
+    version: np.ndarray
+    staleness: np.ndarray
+    wall_time: np.ndarray
+    worker_step: np.ndarray
+    loss: np.ndarray
+    stopped: np.ndarray
+
+
 class HogwildMetrics(NamedTuple):
-    """Summary of a hogwild run (host scalars and small NumPy arrays)."""
+    """Summary of a hogwild run (host scalars and small NumPy arrays).
+
+    ``gradients`` counts every gradient the workers computed, ``updates`` the applied ones;
+    ``dropped`` (refused on arrival) and ``stopped`` (computations stopped by the server)
+    count the discarded work of a server rule, as the worker simulator's counters do.
+    """
 
     mode: str
     num_workers: int
@@ -57,6 +84,8 @@ class HogwildMetrics(NamedTuple):
     torn_reads: int
     overlapping_writes: int
     write_residual: float
+    dropped: int = 0
+    stopped: int = 0
     # The Ray backend's faults (defaults: the thread backend has none of them).
     backend: str = "threads"
     worker_restarts: np.ndarray | None = None  # per worker: times Ray restarted its process
@@ -75,8 +104,11 @@ class HogwildResult(NamedTuple):
       metrics: a :class:`HogwildMetrics`.
       trace: a :class:`Trace` of every applied update.
       pushes: with ``record_pushes=True``, what was applied, stacked in application order
-        (leading axis = update): the gradients (``"locked"``), the round-averaged gradients
-        (``"sync"``) or the parameter deltas (``"lock_free"``); else ``None``.
+        (leading axis = update): the gradients (``"locked"``, ``"ringmaster"``), the
+        averaged gradients (``"sync"``, ``"rennala"``) or the parameter deltas
+        (``"lock_free"``); else ``None``.
+      discarded: a :class:`Discarded` of the gradients a server rule refused (empty
+        without one), or ``None`` where the backend does not log them.
     """
 
     params: optax.Params
@@ -84,6 +116,7 @@ class HogwildResult(NamedTuple):
     metrics: HogwildMetrics
     trace: Trace
     pushes: Any
+    discarded: Discarded | None = None
 
 
 def trace_from_rows(rows: list[tuple]) -> Trace:
@@ -108,6 +141,24 @@ def trace_from_rows(rows: list[tuple]) -> Trace:
     )
 
 
+def discarded_from_rows(rows: list[tuple]) -> Discarded:
+    """A :class:`Discarded` from ``(worker, pulled, version, wall, step, loss, stopped)`` rows."""
+    cols = list(zip(*rows, strict=True)) if rows else [()] * 7
+    worker, pulled, version, wall, step, loss, stopped = (np.asarray(c) for c in cols)
+    pulled = pulled.astype(np.int64)
+    version = version.astype(np.int64)
+    return Discarded(
+        worker=worker.astype(np.int32),
+        version_pulled=pulled,
+        version=version,
+        staleness=(version - pulled).astype(np.int32),
+        wall_time=wall.astype(np.float64),
+        worker_step=step.astype(np.int64),
+        loss=loss.astype(np.float32),
+        stopped=stopped.astype(bool),
+    )
+
+
 def summarize(
     trace: Trace,
     *,
@@ -118,6 +169,8 @@ def summarize(
     torn_reads: int = 0,
     overlapping_writes: int = 0,
     write_residual: float = 0.0,
+    dropped: int = 0,
+    stopped: int = 0,
 ) -> HogwildMetrics:
     """The :class:`HogwildMetrics` of a run that logged ``trace`` in ``wall_time`` seconds."""
     updates = int(trace.staleness.size)
@@ -140,4 +193,6 @@ def summarize(
         torn_reads=torn_reads,
         overlapping_writes=overlapping_writes,
         write_residual=write_residual,
+        dropped=dropped,
+        stopped=stopped,
     )

@@ -83,6 +83,9 @@ class Run:
         self.errors: list[tuple[int | None, BaseException]] = []
         self._lock = threading.Lock()
         self.mailbox = Mailbox(self.num_workers, self.stop)
+        # Set to end a worker's straggler wait early: on a stop of the run or of its job.
+        self.wake = [threading.Event() for _ in range(self.num_workers)]
+        server.on_stop = self._stop_job
         self.local_steps = [0] * self.num_workers
         self.outbox: list[tuple | None] = [None] * self.num_workers  # filled by push callbacks
         self.host_data = callable(data)
@@ -104,13 +107,22 @@ class Run:
             self.errors.append((worker, exc))
             if self.stop_reason is None:
                 self.stop_reason = "error"
-        self.stop.set()
+        self._set_stop()
 
     def request_stop(self, reason: str) -> None:
         with self._lock:
             if self.stop_reason is None:
                 self.stop_reason = reason
+        self._set_stop()
+
+    def _set_stop(self) -> None:
         self.stop.set()
+        for wake in self.wake:
+            wake.set()
+
+    def _stop_job(self, worker: int) -> None:
+        """The server stopped ``worker``'s job: end its straggler wait now."""
+        self.wake[worker].set()
 
     # -- callbacks (host side: NumPy only, never jax, never a wait) ---------------------------
 
@@ -154,7 +166,11 @@ class Run:
             run_id = np.int32(self.run_id)
             opt_state = self.server.worker_opt_state()
             step = 0
-            while self._claim(worker):
+            server, wake = self.server, self.wake[worker]
+            while True:
+                wake.clear()  # before the claim: a stop of the run after it sets it again
+                if not self._claim(worker):
+                    break
                 batch = self._batch(worker, step)
                 done, opt_state = compiled(
                     run_id, worker_id, np.int32(step), data, self.key, batch, opt_state
@@ -163,13 +179,15 @@ class Run:
                 item, self.outbox[worker] = self.outbox[worker], None
                 if self.straggler_table is not None:
                     extra = self.straggler_table[worker, step % STRAGGLER_TABLE]
-                    if extra > 0 and self.stop.wait(extra):
-                        break
+                    if extra > 0:
+                        wake.wait(extra)  # ends early on a stop of the run or of this job
                 if self.stop.is_set():
                     break
-                if not self.server.serial:
-                    self.server.push(*item)
-                    if self.server.finished():
+                if server.stops and server.cancelled(worker):
+                    server.abandon(*item[:4])  # restart at the current point
+                elif not server.serial:
+                    server.push(*item)
+                    if server.finished():
                         self.request_stop("steps")
                 elif not self.mailbox.deliver(item):
                     break

@@ -6,14 +6,27 @@ itself: τ = (version the update is applied as) − (version the gradient was pu
 knows nothing about threads: a backend calls :meth:`Server.pull` when a worker reads the
 parameters, :meth:`Server.claim` before a worker starts a gradient and :meth:`Server.push`
 when a gradient (or update) arrives, from whichever thread or process carries it. One
-subclass per consistency mode decides what a push does (``_locked.py``, ``_sync.py``,
-``_lock_free.py``).
+subclass per mode decides what a push does (``_locked.py``, ``_sync.py``, ``_lock_free.py``,
+and the server rules of ``_ringmaster.py`` and ``_rennala.py``).
+
+Discarded work. A server rule may refuse a gradient: a *drop* (it arrived too stale:
+``max_staleness``, Ringmaster's threshold, Rennala's work at an old point) or a *stop* (the
+server told the worker to abandon a computation that became too stale, and restart at the
+current point). Neither is an update: the parameters and the version do not change, the
+gradient's budget claim is released (so a run still applies exactly ``steps`` updates), and
+the gradient is logged in :meth:`Server.discarded`, not in the trace. This is the worker
+simulator's convention (``workers.parameter_server(max_staleness=S)``: a drop is counted in
+``dropped`` and the next arrival is the next update), so every τ in the trace is one an
+update was applied with and ``delays.trace(result.trace)`` replays the run exactly.
+A stop is announced through :attr:`Server.on_stop` (the backend's hook: the thread backend
+wakes the worker's straggler wait) and read by the worker with :meth:`Server.cancelled`.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import jax
@@ -21,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from asgd_jax.hogwild import _programs
-from asgd_jax.hogwild._results import Trace, trace_from_rows
+from asgd_jax.hogwild._results import Discarded, Trace, discarded_from_rows, trace_from_rows
 from asgd_jax.step import Step
 
 __all__ = ["Server"]
@@ -43,6 +56,7 @@ class Server:
     mode: ClassVar[str]
     serial: ClassVar[bool] = True
     worker_optimizer: ClassVar[bool] = False
+    stops: bool = False  # whether the server stops stale computations (``cancelled``)
 
     def __init__(
         self,
@@ -66,6 +80,15 @@ class Server:
         self.overlapping_writes = 0
         self._claimed = 0  # gradients reserved by pulls (bounds the run to exactly `steps`)
         self._rows: list[tuple] = []
+        self._discarded: list[tuple] = []  # (worker, pulled, version, wall, step, loss, stopped)
+        self.dropped = 0  # gradients refused on arrival
+        self.stopped = 0  # computations stopped by the server
+        # The version each worker's job in flight was pulled at (-1: none), and whether the
+        # server has stopped it.
+        self._pulled = [-1] * num_workers
+        self._cancel = [False] * num_workers
+        self._stopped_at = [0] * num_workers  # the version a stopped job was stopped at
+        self.on_stop: Callable[[int], None] = _ignore
         self._pushes: list[tuple[int, list[np.ndarray]]] = []
         self._t0 = time.perf_counter()
         self._apply = None
@@ -127,6 +150,11 @@ class Server:
             self._claimed += 1
             return True
 
+    def release(self) -> None:
+        """Gives back the claim of a gradient that will not be applied (dropped or stopped)."""
+        with self.lock:
+            self._claimed -= 1
+
     def finished(self) -> bool:
         """Whether ``steps`` updates have been applied."""
         return self.steps is not None and self.version >= self.steps
@@ -134,9 +162,60 @@ class Server:
     # -- pulls and pushes (host side: NumPy only, never a wait) --------------------------------
 
     def pull(self, worker: int) -> tuple[list[np.ndarray], np.int32]:
-        """The current parameters (host leaves) and their version, read consistently."""
+        """The current parameters (host leaves) and their version, read consistently.
+
+        Starts ``worker``'s next job: it is in flight at that version until its push is
+        handled or it is abandoned.
+        """
         with self.lock:
+            self._pulled[worker] = self.version
+            self._cancel[worker] = False
             return self.snapshot, np.int32(self.version)
+
+    def cancelled(self, worker: int) -> bool:
+        """Whether the server has stopped ``worker``'s job in flight (it should restart)."""
+        return self._cancel[worker]
+
+    def abandon(self, worker: int, step: int, version_pulled: int, loss: float) -> None:
+        """``worker`` gives up a stopped job without pushing it (its claim is released)."""
+        self.discard(worker, step, version_pulled, loss, stopped=True)
+
+    def end_job(self, worker: int) -> None:
+        """``worker``'s job in flight is handled (applied or collected): no longer stoppable."""
+        with self.lock:
+            self._pulled[worker] = -1
+            self._cancel[worker] = False
+
+    def discard(
+        self, worker: int, step: int, version_pulled: int, loss: float, *, stopped: bool
+    ) -> None:
+        """Ends ``worker``'s job without an update: logged, counted, its claim released."""
+        with self.lock:
+            version = self._stopped_at[worker] if self._cancel[worker] else self.version
+            self._pulled[worker] = -1
+            self._cancel[worker] = False
+            if stopped:
+                self.stopped += 1
+            else:
+                self.dropped += 1
+        self._discarded.append((worker, version_pulled, version, self.now(), step, loss, stopped))
+        self.release()
+
+    def stop_stale(self, limit: int) -> None:
+        """Stops every job in flight pulled more than ``limit`` versions ago (after an
+        update); the backend hears of each through :attr:`on_stop`."""
+        with self.lock:
+            version = self.version
+            stop = [
+                w
+                for w, pulled in enumerate(self._pulled)
+                if pulled >= 0 and not self._cancel[w] and version - pulled > limit
+            ]
+            for w in stop:
+                self._cancel[w] = True
+                self._stopped_at[w] = version
+        for w in stop:
+            self.on_stop(w)
 
     def push(
         self, worker: int, step: int, version_pulled: int, loss: float, pushed: list
@@ -169,9 +248,16 @@ class Server:
     def trace(self) -> Trace:
         return trace_from_rows(self._rows)
 
+    def discarded(self) -> Discarded:
+        return discarded_from_rows(self._discarded)
+
     def stacked_pushes(self) -> Any:
         """Every recorded push, stacked in application order (``None`` if none)."""
         if not self.record_pushes or not self._pushes:
             return None
         rows = [leaves for _, leaves in sorted(self._pushes, key=lambda p: p[0])]
         return jax.tree.unflatten(self.treedef, [np.stack(col) for col in zip(*rows, strict=True)])
+
+
+def _ignore(worker: int) -> None:
+    """The default :attr:`Server.on_stop`: a backend that cannot interrupt a job ignores it."""

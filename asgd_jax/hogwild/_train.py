@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -12,11 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from asgd_jax._validation import as_key, check_min_int, check_optional, check_real
+from asgd_jax._validation import as_key, check_int, check_min_int, check_optional, check_real
 from asgd_jax.hogwild import _programs, _ray
 from asgd_jax.hogwild._lock_free import LockFreeServer
 from asgd_jax.hogwild._locked import LockedServer
+from asgd_jax.hogwild._rennala import RennalaServer
 from asgd_jax.hogwild._results import HogwildResult, summarize
+from asgd_jax.hogwild._ringmaster import RingmasterServer
 from asgd_jax.hogwild._run import Run
 from asgd_jax.hogwild._server import Server
 from asgd_jax.hogwild._stragglers import STRAGGLER_TABLE, Straggler
@@ -26,10 +29,11 @@ from asgd_jax.step import make_step
 __all__ = ["BACKENDS", "MODES", "SERVERS", "train"]
 
 SERVERS: dict[str, type[Server]] = {
-    cls.mode: cls for cls in (LockedServer, LockFreeServer, SyncServer)
+    cls.mode: cls
+    for cls in (LockedServer, LockFreeServer, SyncServer, RingmasterServer, RennalaServer)
 }
-"""The consistency modes, each a :class:`Server` subclass."""
-MODES = tuple(SERVERS)  # ("locked", "lock_free", "sync")
+"""The modes, each a :class:`Server` subclass: three consistency modes and two server rules."""
+MODES = tuple(SERVERS)  # ("locked", "lock_free", "sync", "ringmaster", "rennala")
 BACKENDS = ("threads", "ray")
 
 
@@ -42,6 +46,10 @@ def train(
     num_workers: int = 4,
     steps: int | None = None,
     mode: str = "locked",
+    max_staleness: int | None = None,
+    threshold: int | float | None = None,
+    stops: bool = False,
+    k: int | None = None,
     batch_size: int | None = None,
     straggler: Straggler | None = None,
     time_limit: float | None = None,
@@ -83,7 +91,21 @@ def train(
       steps: updates to apply (``"sync"``: rounds of ``num_workers`` gradients); exactly
         this many in ``"locked"``/``"lock_free"`` (pulls reserve them). ``None`` runs until
         ``time_limit``.
-      mode: ``"locked"``, ``"lock_free"`` or ``"sync"``.
+      mode: ``"locked"``, ``"lock_free"``, ``"sync"``, or a server rule of the worker
+        simulator's (``workers.parameter_server(protocol=...)``, same names, same checks):
+        ``"ringmaster"`` (locked, never applies τ ≥ ``threshold``) or ``"rennala"`` (each
+        update the mean of ``k`` gradients computed at the current point; ``steps``
+        counts updates). Discarded work is counted in ``metrics.dropped`` /
+        ``metrics.stopped`` and logged in ``result.discarded``; the trace holds the
+        applied updates only, so it replays through ``delays.trace`` as it is.
+      max_staleness: ``"locked"`` only: drop a gradient that arrives with τ > S (W and the
+        version unchanged, the worker pulls again), so every applied τ ≤ S; ``None``
+        keeps every gradient.
+      threshold: ``"ringmaster"``'s R ≥ 1 (``None`` or ``math.inf``: R = ∞, ``"locked"``).
+      stops: ``"ringmaster"`` / ``"rennala"``: stop a computation once it is too stale
+        (delay R; an old point) and restart its worker at the current point, instead of
+        dropping its gradient on arrival.
+      k: ``"rennala"``'s S ≥ 1, gradients per update (required there).
       batch_size: examples per gradient when ``data`` is arrays.
       straggler: extra compute time per gradient, a :class:`Straggler`, or ``None``.
       time_limit: wall-clock seconds after which the run stops (a worker finishes the
@@ -119,6 +141,7 @@ def train(
         raise TypeError(f"`optimizer` must be an optax transformation, got {optimizer!r}.")
     if mode not in MODES:
         raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
+    rules = _rule_kwargs(mode, max_staleness, threshold, stops, k)
     if backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}.")
     checkpoint_every = check_optional(check_min_int, "checkpoint_every", checkpoint_every, 1)
@@ -170,6 +193,7 @@ def train(
 
     step = make_step(loss_fn, optimizer)
     server_kwargs = {"num_workers": num_workers, "steps": steps, "record_pushes": record_pushes}
+    server_kwargs.update(rules)
     server = SERVERS[mode](step, params, **server_kwargs)
     straggler_table = None
     if straggler is not None:
@@ -233,6 +257,8 @@ def train(
         torn_reads=server.torn_reads,
         overlapping_writes=server.overlapping_writes,
         write_residual=server.write_residual(),
+        dropped=server.dropped,
+        stopped=server.stopped,
     )
     return HogwildResult(
         params=server.final_params(),
@@ -240,6 +266,7 @@ def train(
         metrics=metrics,
         trace=server.trace(),
         pushes=server.stacked_pushes(),
+        discarded=server.discarded(),
     )
 
 
@@ -255,3 +282,33 @@ def _check_params(params: Any) -> None:
                 "hogwild differentiates the loss with respect to every parameter, so every "
                 "leaf must be a floating-point array (e.g. cast it with .astype(jnp.float32))."
             )
+
+
+def _rule_kwargs(mode: str, max_staleness: Any, threshold: Any, stops: Any, k: Any) -> dict:
+    """The server rule's arguments for ``mode``, checked as ``workers.parameter_server``
+    checks them (each belongs to one mode; R and S are integers ≥ 1, S ≥ 0)."""
+    if not isinstance(stops, bool):
+        raise TypeError(f"`stops` must be True or False, got {stops!r}.")
+    if max_staleness is not None and mode != "locked":
+        raise ValueError(
+            f"`max_staleness` applies to mode='locked', not {mode!r} (ringmaster takes its "
+            "delay threshold as `threshold=R`; rennala's and sync's τ is 0)."
+        )
+    if threshold is not None and mode != "ringmaster":
+        raise ValueError(f"`threshold` (R) applies to mode='ringmaster', not {mode!r}.")
+    if stops and mode not in ("ringmaster", "rennala"):
+        raise ValueError(f"`stops` applies to 'ringmaster' and 'rennala', not {mode!r}.")
+    if k is not None and mode != "rennala":
+        raise ValueError(f"`k` (S, gradients per update) applies to mode='rennala', not {mode!r}.")
+    if mode == "locked":
+        return {"max_staleness": check_optional(check_int, "max_staleness", max_staleness)}
+    if mode == "ringmaster":
+        if threshold == math.inf:  # R = ∞: plain locked ASGD
+            threshold = None
+        threshold = check_optional(check_int, "threshold", threshold, low=1)
+        return {"threshold": threshold, "stops": stops}
+    if mode == "rennala":
+        if k is None:
+            raise ValueError("`k` (the batch size S ≥ 1) is required for mode='rennala'.")
+        return {"k": check_int("k", k, low=1), "stops": stops}
+    return {}
