@@ -365,4 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--seeds", type=int, default=4, help="seeds per value, vmapped (default: 4)")
     add_config_flags(sweep)
     sweep.set_defaults(handler=_cmd_sweep)
+    from asgd_jax.cli._hogwild import add_command as add_hogwild_command
+
+    add_hogwild_command(commands)
     return parser
