@@ -14,8 +14,12 @@ import re
 import sys
 from typing import Any
 
+import jax
 import numpy as np
+import optax
 
+from asgd_jax import data as data_lib
+from asgd_jax import hogwild, models, workers
 from asgd_jax.cli import _report as report
 from asgd_jax.cli._flags import EXIT_FAILURE, UsageError
 from asgd_jax.cli._outputs import make_dir, output_dir
@@ -25,7 +29,8 @@ __all__ = ["add_command", "cycle_times", "predicted_histogram", "total_variation
 # The library's argument names (errors quote them in backticks) that have a flag here.
 _RENAMED = {"num_workers": "--workers", "worker": "--slow-worker", "extra_time": "the seconds"}
 _NAMED = ("steps", "batch_size", "max_staleness", "threshold", "stops", "k", "time_limit")
-_QUOTED = re.compile(r"`(" + "|".join((*_RENAMED, *_NAMED, "ray_address", "backend")) + r")`")
+_NAMES = "|".join((*_RENAMED, *_NAMED, "ray_address", "backend"))
+_QUOTED = re.compile(rf"`({_NAMES})`|\b({_NAMES})(?= must be)")  # `name`, or "name must be"
 # The simulator's protocol for each hogwild mode (sync: rounds of all n, τ = 0).
 _PROTOCOLS = {"locked": "async", "lock_free": "async", "sync": "k_sync"}
 _LAWS = ("lognormal", "deterministic", "exponential")
@@ -34,8 +39,12 @@ _MAX_ROWS = 24  # text histogram rows before τ is grouped into bins
 
 def _flag_message(error: Exception) -> str:
     """The error with the library's argument names replaced by this command's flags."""
-    name = lambda m: _RENAMED.get(m.group(1), "--" + m.group(1).replace("_", "-"))  # noqa: E731
-    return _QUOTED.sub(name, str(error))
+
+    def flag(match: re.Match) -> str:
+        name = match.group(1) or match.group(2)
+        return _RENAMED.get(name, "--" + name.replace("_", "-"))
+
+    return _QUOTED.sub(flag, str(error))
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,8 +85,6 @@ def simulator_model(
 ) -> Any:
     """The worker simulator's parameter server for ``mode``: worker i's compute times have
     mean ``cycles[i]`` and law ``law`` (``"lognormal"``: coefficient of variation ``cv``)."""
-    from asgd_jax import workers
-
     n = cycles.size
     protocol = _PROTOCOLS.get(mode, mode)  # ringmaster and rennala: the same names
     kwargs: dict[str, Any] = {"protocol": protocol, "speeds": tuple(1.0 / cycles)}
@@ -101,10 +108,6 @@ def simulator_model(
 
 def predicted_histogram(model: Any, num_updates: int, seed: int) -> np.ndarray:
     """The simulator's staleness histogram over ``num_updates`` updates (counts)."""
-    import jax
-
-    from asgd_jax import workers
-
     key = jax.random.fold_in(jax.random.key(seed), 0x51A)
     taus = np.asarray(workers.simulate(model, key, num_updates).staleness)
     return np.bincount(taus)
@@ -183,8 +186,6 @@ def _numbers(kind: type, what: str) -> Any:
 
 def _straggler(args: argparse.Namespace) -> Any:
     """The ``Straggler`` the flags build (checked against ``--workers``), or ``None``."""
-    from asgd_jax import hogwild
-
     build = {
         "--straggler-fixed": lambda t: hogwild.Straggler.fixed(t),
         "--straggler-random": lambda t: hogwild.Straggler.random(t, law=args.straggler_law),
@@ -216,12 +217,6 @@ def _say(args: argparse.Namespace, message: str) -> None:
 
 
 def _cmd_hogwild(args: argparse.Namespace) -> int:
-    import jax
-    import optax
-
-    from asgd_jax import data as data_lib
-    from asgd_jax import hogwild, models
-
     out = output_dir(args.out, args.overwrite)
     straggler = _straggler(args)
     try:
@@ -372,9 +367,6 @@ _ARGS: list[tuple[str, str, dict[str, Any]]] = [
 
 def add_command(commands: Any) -> None:
     """Adds ``asgd-jax hogwild`` to the ``commands`` subparsers."""
-    from asgd_jax import data as data_lib
-    from asgd_jax import hogwild, models
-
     parser = commands.add_parser(
         "hogwild",
         help="real asynchronous SGD (threads or Ray): measured staleness vs the simulator's",
