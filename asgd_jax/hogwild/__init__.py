@@ -5,9 +5,10 @@ this package runs the real thing and measures τ_t. A host-side *parameter serve
 parameters, a version counter (the number of updates applied) and the optimizer state; ``N``
 worker threads each repeat
 
-    pull W_v (io_callback)  →  g = ∇f(W_v; ξ)  →  push g (io_callback)  →  deliver, wait
+    pull W_v  →  g = ∇f(W_v; ξ)  →  push g  →  deliver, wait
 
-where the first three run as one jitted program. The server numbers every pull and every
+where the gradient is one jitted program without host callbacks (the pulled W_v are the
+server's device arrays, passed in as they are). The server numbers every pull and every
 update, so the staleness τ = (version the update was applied as) − (version the gradient was
 computed at) is exact even though the interleaving of threads is not reproducible. Every
 applied update is logged in a :class:`Trace`, which :func:`asgd_jax.delays.trace` accepts:
@@ -38,8 +39,8 @@ Stragglers (:class:`Straggler`) add extra compute time per gradient (fixed, rand
 slow worker) between the gradient and its delivery, so async throughput can be compared with
 sync, which waits for the slowest.
 
-Robustness: callbacks never wait (every wait is in Python, between programs, and polls the
-stop signal); an exception in a worker (its data function, its program) or in the server
+Robustness: nothing waits inside XLA (every wait is in Python, between programs, and polls
+the stop signal); an exception in a worker (its data function, its program) or in the server
 stops every worker before its next gradient and is re-raised in the caller as
 :class:`HogwildError` naming the worker; ``KeyboardInterrupt`` stops and joins every thread
 before propagating; ``time_limit`` ends the run on time; every thread is joined before

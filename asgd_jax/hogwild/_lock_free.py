@@ -40,6 +40,7 @@ class LockFreeServer(Server):
             [np.zeros(x.shape, np.float64) for x in self.initial] for _ in range(self.num_workers)
         ]
         self._writes_begun = 0
+        self._leaves, self._host = self.shared, None
         return None, None
 
     def compile(self) -> None:
@@ -62,10 +63,11 @@ class LockFreeServer(Server):
         with self.lock:
             if begun != done or self._writes_begun != begun:
                 self.torn_reads += 1
-        return snapshot, np.int32(done)
+        return snapshot, done
 
     def push(self, worker, step, version_pulled, loss, pushed):
         """The Hogwild! write: only the counter is atomic, the add is not."""
+        pushed = [np.asarray(x) for x in pushed]  # views of the worker's output on CPU
         with self.lock:
             index = self._writes_begun
             if self._writes_begun != self.version:

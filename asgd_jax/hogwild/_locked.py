@@ -37,7 +37,7 @@ class LockedServer(Server):
             self.discard(worker, step, version_pulled, loss, stopped=False)
             return [worker]
         self.end_job(worker)
-        version = self.apply(pushed)
+        version = self.apply(self.unflatten(pushed))
         self.log(worker, version_pulled, version - 1, step, loss)
         if self.stops:
             self.stop_stale(limit)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
 from asgd_jax.hogwild import _programs
@@ -44,9 +43,7 @@ class RennalaServer(Server):
         self._round: list[tuple] = []  # (worker, step, loss, leaves) collected at `version`
 
     def grad_structs(self):
-        return jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct((self.k, *s.shape), s.dtype), super().grad_structs()
-        )
+        return (super().grad_structs(),) * self.k
 
     def compile(self) -> None:
         self._apply = _programs.compile_apply(
@@ -70,8 +67,7 @@ class RennalaServer(Server):
         if len(self._round) < self.k:
             return [worker]
         rows, self._round = self._round, []
-        stacked = [np.stack(leaf) for leaf in zip(*(r[3] for r in rows), strict=True)]
-        version = self.apply(stacked)
+        version = self.apply(tuple(self.unflatten(r[3]) for r in rows))
         # The round is logged under the worker whose gradient completed it, with the mean loss.
         self.log(worker, version - 1, version - 1, step, float(np.mean([r[2] for r in rows])))
         if self.stops:

@@ -1,15 +1,15 @@
 """The thread backend: worker threads, a server thread, their waits and a clean shutdown.
 
-Each worker thread repeats: reserve a gradient (:meth:`Server.claim`), run its jitted
-program (pull through ``io_callback`` → gradient → push through ``io_callback``), wait out
-its straggler time, deliver the push and wait until it is applied. Callbacks never wait:
-XLA:CPU runs a callback on whichever thread runs the program, often one of its intra-op
-pool threads (one per core); a callback that blocks (on a barrier, an acknowledgement, a
-straggler's sleep) holds that thread, and with as many blocked workers as cores nothing
-else runs, the server's update included: a deadlock (seen with 2 workers on 2 cores and a
-small CNN). So every wait happens in the worker's Python thread between programs, polls the
-stop signal, and jitted code never runs inside a callback. The server never waits on a
-worker without also watching the stop signal, so a worker dying mid-push cannot deadlock it.
+Each worker thread repeats: reserve a gradient (:meth:`Server.claim`), pull the
+parameters (:meth:`Server.pull`: the server's device arrays and their version), run its
+jitted program (the gradient), wait out its straggler time, deliver the push and wait until
+it is applied. The programs have no host callbacks (see :mod:`._programs`), so nothing
+waits inside XLA: a wait there would hold one of XLA:CPU's intra-op pool threads (one per
+core), and with as many blocked workers as cores nothing else would run, the server's
+update included (seen with callbacks: 2 workers on 2 cores and a small CNN deadlocked).
+Every wait happens in the worker's Python thread between programs and watches the stop
+signal; the server never waits on a worker without also watching it, so a worker dying
+mid-push cannot deadlock it.
 """
 
 from __future__ import annotations
@@ -87,7 +87,6 @@ class Run:
         self.wake = [threading.Event() for _ in range(self.num_workers)]
         server.on_stop = self._stop_job
         self.local_steps = [0] * self.num_workers
-        self.outbox: list[tuple | None] = [None] * self.num_workers  # filled by push callbacks
         self.host_data = callable(data)
         self.data = data
         self.batch_treedef, self.batch_shapes, self._first_batch = None, (), None
@@ -98,7 +97,6 @@ class Run:
                 (x.shape, x.dtype) for x in jax.tree.leaves(self._first_batch)
             )
         self.batch_structs = _programs.structs(self.batch_shapes)
-        self.run_id: int | None = None
 
     # -- stopping ------------------------------------------------------------------------------
 
@@ -124,21 +122,6 @@ class Run:
         """The server stopped ``worker``'s job: end its straggler wait now."""
         self.wake[worker].set()
 
-    # -- callbacks (host side: NumPy only, never jax, never a wait) ---------------------------
-
-    def pull_callback(self, worker):
-        return self.server.pull(int(worker))
-
-    def push_callback(self, worker, step, version_pulled, loss, pushed):
-        self.outbox[int(worker)] = (
-            int(worker),
-            int(step),
-            int(version_pulled),
-            float(np.asarray(loss)),
-            [np.array(g, copy=True) for g in pushed],
-        )
-        return np.int32(1)
-
     # -- the threads ---------------------------------------------------------------------------
 
     def _batch(self, worker: int, step: int) -> list[np.ndarray]:
@@ -163,7 +146,6 @@ class Run:
     def run_worker(self, compiled, worker: int, data, results: list) -> None:
         try:
             worker_id = np.int32(worker)
-            run_id = np.int32(self.run_id)
             opt_state = self.server.worker_opt_state()
             step = 0
             server, wake = self.server, self.wake[worker]
@@ -172,11 +154,11 @@ class Run:
                 if not self._claim(worker):
                     break
                 batch = self._batch(worker, step)
-                done, opt_state = compiled(
-                    run_id, worker_id, np.int32(step), data, self.key, batch, opt_state
+                leaves, version = server.pull(worker)
+                loss, pushed, opt_state = compiled(
+                    leaves, worker_id, np.int32(step), data, self.key, batch, opt_state
                 )
-                done.block_until_ready()
-                item, self.outbox[worker] = self.outbox[worker], None
+                item = (worker, step, version, float(loss), jax.block_until_ready(pushed))
                 if self.straggler_table is not None:
                     extra = self.straggler_table[worker, step % STRAGGLER_TABLE]
                     if extra > 0:
@@ -241,7 +223,6 @@ class Run:
                     target=self.run_server, name=f"{THREAD_PREFIX}-server", daemon=True
                 )
             )
-        self.run_id = _programs.register(self)
         ended = None
         server.start_clock()
         try:
@@ -282,8 +263,6 @@ class Run:
         self.request_stop("steps")  # a no-op when a reason is already set
         wall_time = self.server.now()
         stuck = _join(threads, timeout)
-        if not stuck:  # a stuck thread still needs the run to see the stop signal
-            _programs.unregister(self.run_id)
         if progress is not None:
             progress.update(self.server.version - progress.n)
             progress.close()

@@ -98,15 +98,37 @@ class Server:
 
     def _init_state(self) -> tuple[Any, Any]:
         """The server's parameters (device copies) and optimizer state at W_0."""
-        self.snapshot = self.initial
         params = jax.tree.unflatten(self.treedef, [jnp.array(x) for x in self.initial])
+        self._leaves = jax.tree.leaves(params)  # what a pull hands out: immutable arrays
+        self._host: tuple[int, list[np.ndarray]] | None = None
         return params, self.step.tx.init(params)
+
+    @property
+    def snapshot(self) -> list[np.ndarray]:
+        """The current parameters as NumPy leaves (for a backend that ships them to other
+        processes), converted once per version."""
+        with self.lock:
+            version, leaves, host = self.version, self._leaves, self._host
+        if host is None or host[0] != version:
+            host = (version, [np.asarray(x) for x in leaves])
+            self._host = host
+        return host[1]
+
+    @snapshot.setter
+    def snapshot(self, leaves: list) -> None:
+        with self.lock:
+            self._leaves = [jnp.asarray(x) for x in leaves]
+            self._host = None
 
     def grad_structs(self) -> Any:
         """The shape of what one server update takes."""
         return jax.tree.unflatten(
             self.treedef, [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in self.initial]
         )
+
+    def unflatten(self, leaves: list) -> Any:
+        """A pushed gradient's leaves (device or NumPy arrays) as the parameters' pytree."""
+        return jax.tree.unflatten(self.treedef, leaves)
 
     def compile(self) -> None:
         """Compiles the update program (in the calling thread, before any worker starts)."""
@@ -161,8 +183,8 @@ class Server:
 
     # -- pulls and pushes (host side: NumPy only, never a wait) --------------------------------
 
-    def pull(self, worker: int) -> tuple[list[np.ndarray], np.int32]:
-        """The current parameters (host leaves) and their version, read consistently.
+    def pull(self, worker: int) -> tuple[list, int]:
+        """The current parameters (device leaves, never written to) and their version.
 
         Starts ``worker``'s next job: it is in flight at that version until its push is
         handled or it is abandoned.
@@ -170,7 +192,7 @@ class Server:
         with self.lock:
             self._pulled[worker] = self.version
             self._cancel[worker] = False
-            return self.snapshot, np.int32(self.version)
+            return self._leaves, self.version
 
     def cancelled(self, worker: int) -> bool:
         """Whether the server has stopped ``worker``'s job in flight (it should restart)."""
@@ -223,14 +245,14 @@ class Server:
         """Delivers one gradient; returns the workers whose gradients are now applied."""
         raise NotImplementedError
 
-    def apply(self, grads: list) -> int:
-        """Applies one update with the server's optimizer; returns the new version."""
-        grads = jax.tree.unflatten(self.treedef, grads)
+    def apply(self, grads: Any) -> int:
+        """Applies one update (``grads`` as :meth:`grad_structs`) with the server's
+        optimizer; returns the new version, published once the update is computed."""
         params, opt_state, applied = self._apply(self.params, self.opt_state, grads)
-        snapshot = [np.asarray(x) for x in jax.tree.leaves(params)]  # waits for the update
+        leaves = jax.block_until_ready(jax.tree.leaves(params))  # errors surface here
         self.params, self.opt_state = params, opt_state
         with self.lock:
-            self.snapshot = snapshot
+            self._leaves = leaves
             self.version += 1
             version = self.version
         if self.record_pushes:

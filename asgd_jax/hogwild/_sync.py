@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
 from asgd_jax.hogwild import _programs
@@ -26,10 +25,7 @@ class SyncServer(Server):
         self._arrived: dict[int, tuple] = {}
 
     def grad_structs(self):
-        return jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct((self.num_workers, *s.shape), s.dtype),
-            super().grad_structs(),
-        )
+        return (super().grad_structs(),) * self.num_workers
 
     def compile(self) -> None:
         self._apply = _programs.compile_apply(
@@ -46,9 +42,8 @@ class SyncServer(Server):
             return []
         rows = [self._arrived[w] for w in range(self.num_workers)]
         self._arrived = {}
-        stacked = [np.stack(leaf) for leaf in zip(*(r[2] for r in rows), strict=True)]
         mean_loss = float(np.mean([r[1] for r in rows]))
-        version = self.apply(stacked)
+        version = self.apply(tuple(self.unflatten(r[2]) for r in rows))
         # The round is logged under the worker whose gradient completed it.
         self.log(worker, version - 1, version - 1, step, mean_loss)
         return list(range(self.num_workers))

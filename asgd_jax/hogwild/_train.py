@@ -65,8 +65,8 @@ def train(
 ) -> HogwildResult:
     """Trains with ``num_workers`` real asynchronous worker threads and a parameter server.
 
-    Each worker thread repeatedly reserves a gradient, runs one jitted program (pull through
-    ``io_callback`` → gradient → push through ``io_callback``) and delivers the push; the
+    Each worker thread repeatedly reserves a gradient, pulls the server's parameters, runs
+    one jitted program (the gradient, no host callbacks) and delivers the push; the
     server applies the updates (see :mod:`asgd_jax.hogwild` for the three consistency
     modes). Programs are compiled once here, in the calling thread, and cached for later
     runs with the same ``loss_fn``, ``optimizer`` and shapes. The run ends after ``steps``
