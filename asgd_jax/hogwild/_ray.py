@@ -134,7 +134,7 @@ def cluster(ray_address: str | None, num_workers: int):
     """The cluster of the run: the initialized one, the given address, or a local one."""
     ray = import_ray()
     if ray.is_initialized():
-        yield
+        yield False
         return
     address = ray_address or os.environ.get("RAY_ADDRESS") or None
     if address is not None:
@@ -143,7 +143,7 @@ def cluster(ray_address: str | None, num_workers: int):
     else:
         ray.init(num_cpus=num_workers, include_dashboard=False, log_to_driver=True)
     try:
-        yield
+        yield True
     finally:
         ray.shutdown()
 
@@ -202,7 +202,6 @@ def train(
     progress: bool,
 ) -> HogwildResult:
     ray = import_ray()
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     leaves, treedef = jax.tree.flatten(params)
     leaves = [np.array(jnp.asarray(x), copy=True) for x in leaves]
@@ -235,53 +234,148 @@ def train(
         checkpoint_dir=checkpoint_dir,
         resume=resume,
     )
-    with cluster(ray_address, num_workers):
-        name = f"{ACTOR_PREFIX}-{uuid.uuid4().hex[:8]}"
+    with cluster(ray_address, num_workers) as owned:
         env = _runtime_env()
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        restartable = checkpoint_dir is not None
-        server = (
-            ray.remote(ParameterServer)
-            .options(
-                name=f"{name}-server",
-                num_cpus=0,
-                max_restarts=-1 if restartable else 0,
-                max_task_retries=-1 if restartable else 0,
-                scheduling_strategy=here,
-                runtime_env=env,
-            )
-            .remote(ray.cloudpickle.dumps(server_spec), num_workers, steps)
-        )
         data_ref = [] if data_fn is not None else [ray.put(jax.tree.map(np.asarray, data))]
         payload = ray.cloudpickle.dumps(worker_spec)
+        server_payload = ray.cloudpickle.dumps(server_spec)
+        pool = _pool(ray)
         pin = len([n for n in ray.nodes() if n.get("Alive")]) == 1
-        actor = ray.remote(Worker)
-        workers = [
-            actor.options(
-                name=f"{name}-worker-{w}",
-                num_cpus=1,
-                max_restarts=MAX_RESTARTS,
-                max_task_retries=0,
-                scheduling_strategy="SPREAD",
-                runtime_env=env,
-            ).remote(w, num_workers, payload, data_ref, server, pin)
-            for w in range(num_workers)
-        ]
+        workers = pool.workers(num_workers, pin, env)
+        if checkpoint_dir is None:  # never restarted: a kept server, configured for this run
+            server, fresh = pool.server(env), False
+            setup = [server.configure.remote(server_payload)]
+        else:  # restartable: its constructor's arguments must name the run
+            server, fresh = (
+                _new_server(
+                    ray,
+                    f"{ACTOR_PREFIX}-run-{uuid.uuid4().hex[:8]}",
+                    env,
+                    server_payload,
+                    restartable=True,
+                ),
+                True,
+            )
+            setup = [server.ready.remote()]
+
+        run = uuid.uuid4().hex
+        args = (run, payload, data_ref, server)
+
+        clean = False
         try:
-            return _drive(
+            try:
+                ray.get(setup + [w.configure.remote(*args) for w in workers])
+            except ray.exceptions.RayError as exc:
+                raise HogwildError(f"hogwild actors failed to start: {_one_line(exc)}") from exc
+            result = _drive(
                 ray,
                 server,
                 workers,
+                args,
                 steps=steps,
                 time_limit=time_limit,
                 progress=progress,
                 treedef=treedef,
                 mode=server_cls.mode,
             )
+            clean = True
+            return result
         finally:
-            for handle in [*workers, server]:
+            if fresh:
                 with contextlib.suppress(Exception):
-                    ray.kill(handle, no_restart=True)
+                    ray.kill(server, no_restart=True)
+            if not clean or owned:  # workers may still be inside a run: never reuse them
+                pool.clear(ray)
+
+
+class _Pool:
+    """Worker processes (and a server) kept between runs on one cluster connection.
+
+    Starting a process and importing JAX takes seconds; a run with the same number of
+    workers reuses them. They hold their CPU reservations, so a run with another number of
+    workers first ends the kept ones. They end with the driver's connection, as every
+    non-detached actor does (``ray.shutdown()``).
+    """
+
+    def __init__(self, job: str):
+        self.job = job
+        self.key: tuple | None = None
+        self.handles: list = []
+        self.server_handle = None
+
+    def workers(self, num_workers: int, pin: bool, env: dict) -> list:
+        import ray
+
+        key = (num_workers, pin, repr(env))
+        if key != self.key:
+            self._kill_workers(ray)
+            self.key = key
+            actor = ray.remote(Worker)
+            self.handles = [
+                actor.options(
+                    name=f"{ACTOR_PREFIX}-{self.job}-worker-{w}-of-{num_workers}",
+                    num_cpus=1,
+                    max_restarts=MAX_RESTARTS,
+                    max_task_retries=-1,
+                    scheduling_strategy="SPREAD",
+                    runtime_env=env,
+                ).remote(w, num_workers, pin)
+                for w in range(num_workers)
+            ]
+        return self.handles
+
+    def server(self, env: dict):
+        import ray
+
+        if self.server_handle is None:
+            self.server_handle = _new_server(
+                ray, f"{ACTOR_PREFIX}-{self.job}", env, None, restartable=False
+            )
+        return self.server_handle
+
+    def _kill_workers(self, ray) -> None:
+        for handle in self.handles:
+            with contextlib.suppress(Exception):
+                ray.kill(handle, no_restart=True)
+        self.handles, self.key = [], None
+
+    def clear(self, ray) -> None:
+        self._kill_workers(ray)
+        if self.server_handle is not None:
+            with contextlib.suppress(Exception):
+                ray.kill(self.server_handle, no_restart=True)
+        self.server_handle = None
+
+
+_POOLS: dict[str, _Pool] = {}
+
+
+def _pool(ray) -> _Pool:
+    """The kept actors of this driver's connection (a new connection starts afresh)."""
+    job = ray.get_runtime_context().get_job_id()
+    if job not in _POOLS:
+        _POOLS.clear()  # handles of an earlier connection are dead
+        _POOLS[job] = _Pool(job)
+    return _POOLS[job]
+
+
+def _new_server(ray, name: str, env: dict, payload: bytes | None, *, restartable: bool):
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # On the driver's machine: checkpoints are written there and resumed from there.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return (
+        ray.remote(ParameterServer)
+        .options(
+            name=f"{name}-server",
+            num_cpus=0,
+            max_restarts=-1 if restartable else 0,
+            max_task_retries=-1 if restartable else 0,
+            scheduling_strategy=here,
+            runtime_env=env,
+        )
+        .remote(payload)
+    )
 
 
 def _key_parts(key: Any) -> tuple[np.ndarray, str | None]:
@@ -291,14 +385,10 @@ def _key_parts(key: Any) -> tuple[np.ndarray, str | None]:
     return np.asarray(key), None
 
 
-def _drive(ray, server, workers, *, steps, time_limit, progress, treedef, mode):
+def _drive(ray, server, workers, args, *, steps, time_limit, progress, treedef, mode):
     """Starts the warm workers, re-issues the runs of restarted ones, stops, collects."""
     errors = ray.exceptions
-    try:
-        ray.get([w.ready.remote() for w in workers])
-        ready = ray.get(server.ready.remote())
-    except errors.RayError as exc:
-        raise HogwildError(f"hogwild actors failed to start: {_one_line(exc)}") from exc
+    ready = ray.get(server.ready.remote())
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -307,8 +397,9 @@ def _drive(ray, server, workers, *, steps, time_limit, progress, treedef, mode):
         bar.update(ready["version"])
     ray.get(server.start.remote())
     t0 = time.perf_counter()
-    runs = {w.run.remote(): i for i, w in enumerate(workers)}
-    restarts = [0] * len(workers)
+    # Ray retries a run on the restarted process of a worker that died (the server counts
+    # the restarts); a run fails here only once the worker has died too often.
+    runs = {w.run.remote(*args): i for i, w in enumerate(workers)}
     epochs: set[str] = set()
     stopping, last_status = False, 0.0
     while runs:
@@ -317,15 +408,7 @@ def _drive(ray, server, workers, *, steps, time_limit, progress, treedef, mode):
             w = runs.pop(ref)
             try:
                 ray.get(ref)
-            except errors.RayActorError as exc:  # the process died: Ray restarts it
-                restarts[w] += 1
-                if restarts[w] > MAX_RESTARTS:
-                    server.stop.remote()
-                    raise HogwildError(
-                        f"hogwild worker {w} died {restarts[w]} times: {_one_line(exc)}", worker=w
-                    ) from exc
-                runs[workers[w].run.remote()] = w
-            except errors.RayTaskError as exc:
+            except errors.RayTaskError as exc:  # first: a task error may also be an actor error
                 server.stop.remote()
                 cause = exc.cause if isinstance(exc.cause, BaseException) else exc
                 if isinstance(cause, errors.RayActorError):
@@ -337,6 +420,12 @@ def _drive(ray, server, workers, *, steps, time_limit, progress, treedef, mode):
                 raise HogwildError(
                     f"hogwild worker {w} raised {type(cause).__name__}: {cause}", worker=w
                 ) from cause
+            except errors.RayActorError as exc:
+                server.stop.remote()
+                raise HogwildError(
+                    f"hogwild worker {w} died more than {MAX_RESTARTS} times: {_one_line(exc)}",
+                    worker=w,
+                ) from exc
         now = time.perf_counter()
         if now - last_status >= 0.2:
             last_status = now
@@ -366,18 +455,20 @@ def _drive(ray, server, workers, *, steps, time_limit, progress, treedef, mode):
     )
     metrics = metrics._replace(
         backend="ray",
-        worker_restarts=np.asarray(restarts, np.int64),
+        worker_restarts=np.asarray(out["worker_restarts"], np.int64),
         server_restarts=max(len(epochs) - 1, out["server_restarts"]),
         lost_gradients=int(out["lost"]),
         duplicate_pushes=int(out["duplicates"]),
     )
     params = jax.tree.unflatten(treedef, [jnp.asarray(x) for x in out["params"]])
+    extra = {"discarded": out["discarded"]} if "discarded" in HogwildResult._fields else {}
     return HogwildResult(
         params=params,
         opt_state=jax.tree.map(jnp.asarray, out["opt_state"]),
         metrics=metrics,
         trace=trace,
         pushes=out["pushes"],
+        **extra,
     )
 
 

@@ -99,11 +99,25 @@ class _Checkpoints:
 class ParameterServer:
     """The server of one Ray run (decorated with ``ray.remote`` by the driver)."""
 
-    def __init__(self, payload: bytes, num_workers: int, steps: int | None):
+    def __init__(self, payload: bytes | None = None):
+        """A server for the run in ``payload``, or (``None``) one kept for later runs, which
+        :meth:`configure` sets up (only a server without checkpoints: a restarted server
+        must know its run from its constructor's arguments)."""
+        import jax  # noqa: F401 - at the process's start, not in the first run's setup
+
+        self.spec = None
+        if payload is not None:
+            self._setup(payload)
+
+    async def configure(self, payload: bytes) -> None:
+        self._setup(payload)
+
+    def _setup(self, payload: bytes) -> None:
         import jax
         import ray
 
         spec: ServerSpec = ray.cloudpickle.loads(payload)
+        num_workers, steps = spec.server_kwargs["num_workers"], spec.server_kwargs["steps"]
         for name, value in spec.jax_flags.items():
             jax.config.update(name, value)
         self._ray, self._jax = ray, jax
@@ -121,6 +135,7 @@ class ParameterServer:
         self.gradients = [0] * num_workers  # gradients received per worker (all incarnations)
         self.lost = 0
         self.duplicates = 0
+        self.starts = [0] * num_workers  # worker loops started (a restart starts one more)
         self.inflight: set[int] = set()
         self.running = False
         self.stopped = False
@@ -188,6 +203,7 @@ class ParameterServer:
             "gradients": self.gradients,
             "lost": self.lost,
             "duplicates": self.duplicates,
+            "starts": self.starts,
             "elapsed": server.now(),
             "server_restarts": self.server_restarts,
         }
@@ -212,6 +228,8 @@ class ParameterServer:
             self.next_seq = [server.version] * self.num_workers
         self.gradients = list(meta["gradients"])
         self.lost, self.duplicates = int(meta["lost"]), int(meta["duplicates"])
+        if not self.spec.resume:  # the same run's server, restarted: its workers' history
+            self.starts = list(meta["starts"])
         server._t0 = time.perf_counter() - float(meta["elapsed"])
         self.server_restarts = int(meta["server_restarts"])
         self.restored_from = version
@@ -219,7 +237,11 @@ class ParameterServer:
     # -- the run -------------------------------------------------------------------------------
 
     async def ready(self) -> dict:
-        return {"version": self.server.version, "restored_from": self.restored_from}
+        return {
+            "version": self.server.version,
+            "restored_from": self.restored_from,
+            "node": self._ray.get_runtime_context().get_node_id(),
+        }
 
     async def start(self) -> None:
         if self.restored_from is None:
@@ -254,8 +276,11 @@ class ParameterServer:
             self._ref, self._ref_version = self._ray.put(server.snapshot), server.version
         return go, self.next_seq[worker], self.epoch, server.version, [self._ref]
 
-    async def attach(self, worker: int) -> tuple:
-        """A worker (re)starts: its in-flight gradient, if any, is lost; its next claim."""
+    async def attach(self, worker: int, start: bool) -> tuple:
+        """A worker (re)starts its loop (``start``) or re-pulls after a server restart: its
+        in-flight gradient, if any, is lost; returns its next claim."""
+        if start:
+            self.starts[worker] += 1  # a second start in one run: Ray restarted the process
         self.inflight.discard(worker)
         while not self.running and not self.stopped:
             await asyncio.sleep(0.01)
@@ -318,8 +343,12 @@ class ParameterServer:
             "duplicates": self.duplicates,
             "wall_time": float(self.end_time),
             "server_restarts": self.server_restarts,
+            "worker_restarts": [max(0, n - 1) for n in self.starts],
             "pushes": server.stacked_pushes(),
             "counters": {
-                name: getattr(server, name) for name in ("torn_reads", "overlapping_writes")
+                name: getattr(server, name)
+                for name in ("torn_reads", "overlapping_writes", "dropped", "stopped")
+                if hasattr(server, name)
             },
+            "discarded": server.discarded() if hasattr(server, "discarded") else None,
         }

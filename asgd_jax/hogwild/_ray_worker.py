@@ -11,9 +11,10 @@ CPU backend (XLA sizes its thread pool from the affinity mask when the backend s
 ``OMP_NUM_THREADS`` does not limit it). ``JAX_PLATFORMS`` and ``XLA_FLAGS`` come in through
 the actor's runtime environment, so they hold from the process's start.
 
-Its data arrive by reference (``[ObjectRef]``, resolved here) or as a small host function, never
-as large constructor arguments: Ray re-runs the constructor with the same arguments when it
-restarts the actor.
+Its data arrive by reference (``[ObjectRef]``, resolved here) or as a small host function,
+in :meth:`Worker.configure` and :meth:`Worker.run`, never as constructor arguments: Ray re-runs
+the constructor with the same arguments when it restarts the actor (and large object-store
+arguments there can make a restart fail), then retries the interrupted ``run``.
 """
 
 from __future__ import annotations
@@ -44,20 +45,32 @@ def pin_cpus(worker: int, num_workers: int) -> list[int]:
 
 
 class Worker:
-    """One worker of a Ray hogwild run (decorated with ``ray.remote`` by the driver)."""
+    """One worker process (decorated with ``ray.remote`` by the driver).
 
-    def __init__(
-        self, worker: int, num_workers: int, payload: bytes, data_ref: list, server: Any, pin: bool
-    ):
+    The process outlives a run: the driver keeps it for the next run with the same number
+    of workers (a process start and JAX's import cost seconds) and :meth:`configure` gives it
+    each run's model, data and server. After Ray restarts it, :meth:`run` (retried by Ray)
+    configures it again.
+    """
+
+    def __init__(self, worker: int, num_workers: int, pin: bool):
         self.cpus = pin_cpus(worker, num_workers) if pin else []
-        import ray  # after the affinity, like everything that may start JAX
+        import jax  # noqa: F401 - after the affinity: the process's JAX starts pinned
+
+        self.worker = worker
+        self.spec = None
+
+    def configure(self, run: str, payload: bytes, data_ref: list, server: Any) -> list[int]:
+        """Builds run ``run``'s program (compiled and warm); returns the CPUs it is pinned to."""
+        import ray
 
         spec = ray.cloudpickle.loads(payload)
-        self.worker = worker
         self.server = server
         self.spec = spec
-        self.gradients = 0  # gradients this incarnation computed
+        self.gradients = 0  # gradients computed in this run by this incarnation
         self._build(spec, ray.get(data_ref[0]) if data_ref else None)
+        self.run_id = run
+        return self.cpus
 
     def _build(self, spec: Any, data: Any) -> None:
         import jax
@@ -121,22 +134,25 @@ class Worker:
             leaves, self.data, self.key, np.int32(self.worker), np.int32(index), batch
         )
 
-    def ready(self) -> list[int]:
-        """Returns once the program is compiled and warm; the CPUs this worker is pinned to."""
-        return self.cpus
+    def run(self, run: str, payload: bytes, data_ref: list, server: Any) -> int:
+        """Computes and pushes gradients until the server says stop; returns how many.
 
-    def run(self) -> int:
-        """Computes and pushes gradients until the server says stop; returns how many."""
+        Ray retries this call on the restarted process when the process dies, so it takes
+        everything :meth:`configure` does: a new process configures itself, and the server
+        counts the restart when it attaches again.
+        """
         import ray
 
-        reply = ray.get(self.server.attach.remote(self.worker))
+        if getattr(self, "run_id", None) != run:
+            self.configure(run, payload, data_ref, server)
+        reply = ray.get(self.server.attach.remote(self.worker, True))
         while reply[0]:
             _, index, epoch, version, ref = reply
             try:
                 leaves = ray.get(ref[0])
             except ray.exceptions.RayError:
                 # The version's owner (a server that died) is gone: ask the restarted one.
-                reply = ray.get(self.server.attach.remote(self.worker))
+                reply = ray.get(self.server.attach.remote(self.worker, False))
                 continue
             loss, grads = self._gradient(leaves, index)
             grads = [np.asarray(g) for g in grads]
