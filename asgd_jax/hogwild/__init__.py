@@ -47,6 +47,18 @@ before propagating; ``time_limit`` ends the run on time; every thread is joined 
 :func:`train` returns (a thread stuck in user code past ``shutdown_timeout`` is reported,
 named, as an error, or after an interrupt as a note and a warning).
 
+Beyond one process: ``train(..., backend="ray")`` runs the same server classes in a
+parameter-server actor and one worker process per worker, on the initialized Ray cluster,
+on ``ray_address`` / ``RAY_ADDRESS`` or on a local one (``pip install 'asgd-jax[ray]'``;
+``"locked"``, with ``max_staleness``, and ``"sync"``). Same arguments, same
+:class:`HogwildResult`, and the trace replays the same way. A worker process that dies loses
+only its gradient in flight and is restarted by Ray; with ``checkpoint_every`` and
+``checkpoint_dir`` the server checkpoints itself (orbax) and a restarted server reloads its
+newest checkpoint, and ``resume=True`` continues a run whose driver died; the run applies
+exactly ``steps`` updates either way, and ``metrics.worker_restarts``,
+``metrics.server_restarts``, ``metrics.lost_gradients`` and ``metrics.duplicate_pushes``
+say what happened.
+
 References:
   Niu, Recht, Ré, Wright, "Hogwild!: A lock-free approach to parallelizing stochastic
   gradient descent", NeurIPS 2011 (arXiv 1106.5730).
@@ -58,9 +70,10 @@ References:
 from asgd_jax.data import worker_batch
 from asgd_jax.hogwild._results import HogwildError, HogwildMetrics, HogwildResult, Trace
 from asgd_jax.hogwild._stragglers import Straggler
-from asgd_jax.hogwild._train import MODES, train
+from asgd_jax.hogwild._train import BACKENDS, MODES, train
 
 __all__ = [
+    "BACKENDS",
     "MODES",
     "HogwildError",
     "HogwildMetrics",

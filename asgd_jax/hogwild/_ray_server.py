@@ -6,8 +6,9 @@ what crossing processes needs:
 
 * **Transport.** An async actor: its methods run one at a time on one event loop, so pushes
   are applied in arrival order; a ``"sync"`` push awaits the end of its round without
-  blocking the others. Each version is ``ray.put`` once, when a worker first asks for it; the
-  reply to a push carries the next version's reference.
+  blocking the others. The reply to a push carries the next version: its reference, the
+  version being ``ray.put`` once when a worker first asks for it, or for parameters under
+  ``INLINE_BYTES`` the NumPy leaves themselves (a put and a fetch cost more than the copy).
 * **The budget, under faults.** A worker's reply also claims its next gradient; a claim is
   released when that gradient arrives or when the worker re-attaches after a restart (its
   in-flight gradient is lost), so the run applies exactly ``steps`` updates. Ray retries
@@ -34,6 +35,11 @@ from typing import Any
 import numpy as np
 
 __all__ = ["ParameterServer", "ServerSpec", "latest_step"]
+
+# Parameters up to this size travel inside the reply, as Ray sends small return values
+# (its max_direct_call_object_size); larger ones are put in the object store once per
+# version and read by reference (zero-copy on the server's machine).
+INLINE_BYTES = 100 * 1024
 
 
 @dataclasses.dataclass
@@ -273,7 +279,10 @@ class ParameterServer:
         if go and not self.barrier:
             self.inflight.add(worker)
         if self._ref_version != server.version:
-            self._ref, self._ref_version = self._ray.put(server.snapshot), server.version
+            leaves = server.snapshot
+            if sum(x.nbytes for x in leaves) > INLINE_BYTES:
+                leaves = self._ray.put(leaves)  # once per version, read by reference
+            self._ref, self._ref_version = leaves, server.version
         return go, self.next_seq[worker], self.epoch, server.version, [self._ref]
 
     async def attach(self, worker: int, start: bool) -> tuple:

@@ -149,7 +149,7 @@ class Worker:
         while reply[0]:
             _, index, epoch, version, ref = reply
             try:
-                leaves = ray.get(ref[0])
+                leaves = ray.get(ref[0]) if isinstance(ref[0], ray.ObjectRef) else ref[0]
             except ray.exceptions.RayError:
                 # The version's owner (a server that died) is gone: ask the restarted one.
                 reply = ray.get(self.server.attach.remote(self.worker, False))
