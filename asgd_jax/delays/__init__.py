@@ -32,7 +32,16 @@ from asgd_jax._counter_rng import key_words, uniform01
 # The checks are re-exported: workers and parallel import them from here.
 from asgd_jax._validation import check_int as _check_int
 from asgd_jax._validation import check_real as _check_real  # noqa: F401
-from asgd_jax.delays._laws import categorical, constant, geometric, poisson, round_robin, uniform
+from asgd_jax.delays._laws import (
+    categorical,
+    constant,
+    geometric,
+    poisson,
+    round_robin,
+    table_thresholds,
+    threshold_model,
+    uniform,
+)
 from asgd_jax.delays._model import (
     MAX_DELAY,
     CounterState,
@@ -55,6 +64,8 @@ __all__ = [
     "poisson",
     "categorical",
     "round_robin",
+    "threshold_model",
+    "table_thresholds",
     "trace",
     "sample",
     "as_delay_model",

@@ -21,7 +21,16 @@ from asgd_jax.delays._model import (
     _digest,
 )
 
-__all__ = ["categorical", "constant", "geometric", "poisson", "round_robin", "uniform"]
+__all__ = [
+    "categorical",
+    "constant",
+    "geometric",
+    "poisson",
+    "round_robin",
+    "table_thresholds",
+    "threshold_model",
+    "uniform",
+]
 
 
 # --------------------------------------------------------------------------------------------

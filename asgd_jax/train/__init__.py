@@ -60,6 +60,7 @@ from asgd_jax.train._config import (
     ROLES,
     ConfigField,
     TrainConfig,
+    vmappable_fields,
 )
 from asgd_jax.train._loop import train
 from asgd_jax.train._program import Program, TrainState, build_program, run_keys
@@ -69,6 +70,7 @@ from asgd_jax.train._results import (
     summarize,
     time_to_accuracy,
 )
+from asgd_jax.train._sweep import SweepResult, check_sweep
 
 __all__ = [
     "COMPUTE_TIMES",
@@ -83,11 +85,13 @@ __all__ = [
     "CheckpointError",
     "ConfigField",
     "Program",
+    "SweepResult",
     "TrainConfig",
     "TrainResult",
     "TrainState",
     "build_program",
     "check_fits",
+    "check_sweep",
     "latest_checkpoint",
     "load_dataset",
     "make_delay_model",
@@ -97,4 +101,5 @@ __all__ = [
     "summarize",
     "time_to_accuracy",
     "train",
+    "vmappable_fields",
 ]

@@ -26,6 +26,7 @@ __all__ = [
     "make_delay_model",
     "make_model",
     "make_optimizer",
+    "worker_model",
 ]
 
 # The config fields make_optimizer's ``hyperparams`` may replace by traced values.
@@ -68,9 +69,29 @@ def make_delay_model(config: TrainConfig) -> delays_lib.DelayModel:
         return delays_lib.poisson(config.delay_mean, config.max_delay)
     if kind == "round_robin":
         return delays_lib.round_robin(config.num_workers)
-    law = _compute_time_law(config)
+    return worker_model(config)
+
+
+def worker_model(
+    config: TrainConfig,
+    *,
+    law: workers_lib.ComputeTime | None = None,
+    num_slow: Any = None,
+    slow_factor: Any = None,
+    comm_time: Any = None,
+    max_delay: int | None = None,
+) -> workers_lib.WorkerModel:
+    """The parameter server of a ``delay="workers"`` config, with parts given as data.
+
+    ``law``, ``num_slow``, ``slow_factor`` and ``comm_time`` replace the config's (they may
+    be JAX tracers: a vmapped sweep builds each point's model inside its traced program);
+    ``max_delay`` replaces the derived history bound (a traced model needs it explicit).
+    Without them this is :func:`make_delay_model` of the config.
+    """
+    law = _compute_time_law(config) if law is None else law
     n = config.num_workers
-    max_delay = config.max_delay
+    if max_delay is None:
+        max_delay = config.max_delay
     bounded = (
         config.protocol in ("k_sync", "rennala")
         or config.max_staleness is not None
@@ -84,9 +105,9 @@ def make_delay_model(config: TrainConfig) -> delays_lib.DelayModel:
     return workers_lib.parameter_server(
         n,
         law,
-        num_slow=config.num_slow,
-        slow_factor=config.slow_factor,
-        comm_time=config.comm_time or None,
+        num_slow=config.num_slow if num_slow is None else num_slow,
+        slow_factor=config.slow_factor if slow_factor is None else slow_factor,
+        comm_time=(config.comm_time or None) if comm_time is None else comm_time,
         protocol=config.protocol,
         max_staleness=config.max_staleness,
         k=config.k,

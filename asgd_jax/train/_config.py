@@ -176,23 +176,39 @@ class TrainConfig:
         choices=COMPUTE_TIMES,
     )
     compute_mean: float = _field(
-        1.0, "mean compute time of a normal-speed worker", group="workers", low=0.0, strict=True
+        1.0,
+        "mean compute time of a normal-speed worker",
+        group="workers",
+        low=0.0,
+        strict=True,
+        sweep="vmap",
     )
     compute_shift: float = _field(
-        0.0, "minimum compute time (shifted_exponential)", group="workers", low=0.0
+        0.0, "minimum compute time (shifted_exponential)", group="workers", low=0.0, sweep="vmap"
     )
     compute_cv: float = _field(
-        1.0, "coefficient of variation std/mean (lognormal)", group="workers", low=0.0, strict=True
+        1.0,
+        "coefficient of variation std/mean (lognormal)",
+        group="workers",
+        low=0.0,
+        strict=True,
+        sweep="vmap",
     )
     pareto_alpha: float = _field(
-        3.0, "tail index α (pareto; > 1)", group="workers", low=0.0, strict=True
+        3.0, "tail index α (pareto; > 1)", group="workers", low=0.0, strict=True, sweep="vmap"
     )
-    num_slow: int = _field(0, "number of stragglers among the workers", group="workers", low=0)
+    num_slow: int = _field(
+        0, "number of stragglers among the workers", group="workers", low=0, sweep="vmap"
+    )
     slow_factor: float = _field(
-        4.0, "how many times slower a straggler computes", group="workers", low=1.0
+        4.0, "how many times slower a straggler computes", group="workers", low=1.0, sweep="vmap"
     )
     comm_time: float = _field(
-        0.0, "constant communication time added to every cycle", group="workers", low=0.0
+        0.0,
+        "constant communication time added to every cycle",
+        group="workers",
+        low=0.0,
+        sweep="vmap",
     )
     # Steps, evaluation, checkpoints.
     num_steps: int = _field(1000, "number of server updates", group="run", role="length", low=1)

@@ -26,6 +26,7 @@ from asgd_jax.train._checkpoints import (
 from asgd_jax.train._config import TrainConfig
 from asgd_jax.train._program import build_program
 from asgd_jax.train._results import TrainResult
+from asgd_jax.train._sweep import SweepResult, run_sweep
 
 __all__ = ["train"]
 
@@ -39,13 +40,14 @@ def _chunk_ends(start: int, num_steps: int, every: int) -> list[int]:
 def train(
     config: TrainConfig,
     *,
+    sweep: Mapping[str, Sequence[Any]] | None = None,
     seeds: Sequence[int] | None = None,
     dataset: data_lib.Dataset | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = True,
     resume_step: int | None = None,
     progress: bool | None = None,
-) -> TrainResult:
+) -> TrainResult | SweepResult:
     """Trains a model as ``config`` says; the one loop behind the CLI, notebooks and studies.
 
     Steps run in jitted, state-donating chunks of ``config.eval_every`` steps fused with
@@ -55,6 +57,17 @@ def train(
 
     Args:
       config: the run's :class:`TrainConfig`.
+      sweep: ``{field: [values, ...], ...}``: train every point of the Cartesian product of
+        the values (each a copy of ``config`` with the point's values) and return a
+        :class:`SweepResult`. Fields whose metadata says ``sweep="vmap"``
+        (:func:`asgd_jax.train.vmappable_fields`: learning rate, momentum, λ, delay-law and
+        compute-time-law parameters, ``num_slow``, ``slow_factor``, ``comm_time``) run as
+        data, all their points together with the seeds in one compiled program; the other
+        fields change shapes or code and loop, one program per value (the result's
+        ``vmapped``, ``looped`` and ``groups`` say which). Each point gives what
+        ``train(point_config, seeds=seeds)`` gives: the same τ sequence, batches and
+        counters exactly, parameters and losses as exactly as a vmapped run of more seeds
+        (see ``tests/test_sweep.py``). No checkpoints: ``checkpoint_dir`` is refused.
       seeds: run these seeds at once under ``jax.vmap`` (every array in the result gains a
         leading seed axis); ``None`` runs ``config.seed`` alone.
       dataset: train on this :class:`asgd_jax.data.Dataset` instead of loading
@@ -69,7 +82,7 @@ def train(
       progress: show a tqdm progress bar (default: when stderr is a terminal).
 
     Returns:
-      A :class:`TrainResult`.
+      A :class:`TrainResult` (a :class:`SweepResult` with ``sweep``).
 
     Raises:
       ValueError: combinations that do not fit the dataset (batch size).
@@ -84,6 +97,14 @@ def train(
         seeds = tuple(check_min_int(f"seeds[{i}]", s, 0) for i, s in enumerate(seeds))
         if not seeds:
             raise ValueError("seeds must name at least one seed")
+    if sweep is not None:
+        if checkpoint_dir is not None or resume_step is not None:
+            raise ValueError(
+                "train(sweep=...) saves no checkpoints: drop checkpoint_dir and resume_step "
+                "(run a point alone with train(point_config, checkpoint_dir=...) to save it)"
+            )
+        use_bar = sys.stderr.isatty() if progress is None else bool(progress)
+        return run_sweep(config, sweep, seeds, dataset, use_bar)
     dataset = load_dataset(config) if dataset is None else fit_dataset(config, dataset)
     program = build_program(config, dataset)
     batched = seeds is not None
