@@ -1,10 +1,20 @@
-"""Hogwild throughput: updates/s for 1, 2, 4 workers, locked vs lock-free vs sync, stragglers.
+"""Hogwild throughput: updates/s for 1, 2, 4 workers, threads and Ray, ÷ a PyTorch Hogwild peer.
 
 Runs :func:`asgd_jax.hogwild.train` on the Hogwild MNIST CNN (conv 10@5×5 → conv 20@5×5 →
-dense 320→50→10, :func:`asgd_jax.models.cnn`) with batch 64 on MNIST-shaped synthetic data,
-and, side by side in the same run, a minimal PyTorch Hogwild peer (``torch.multiprocessing``,
-``model.share_memory()``, SGD; the same CNN, batch size and number of workers), then reports
-our updates/s ÷ the peer's. torch is optional: without it the peer is skipped with a message.
+dense 320→50→10, :func:`asgd_jax.models.cnn`) with batch 64 on MNIST-shaped synthetic data:
+the thread backend (locked, lock-free, sync, with and without a straggler) and the Ray
+backend (locked: one worker process each), and, side by side in the same run, a minimal
+PyTorch Hogwild peer (``torch.multiprocessing``, ``model.share_memory()``, SGD; the same
+CNN, batch size and number of workers). It reports:
+
+* our best backend's updates/s ÷ the peer's at each worker count (target ≥ 1.0);
+* Ray's per-update overhead on the digits MLP, whose gradient costs almost nothing: one
+  worker's time per update minus the gradient's own compute time (target ≤ 2 ms);
+* the thread backend's time per update (one worker, locked) ÷ a plain jitted loop of the
+  same CNN (the same batch sampling, gradient and SGD update) (target ≤ 1.10).
+
+torch and ray are optional: without them the peer / the Ray column is skipped with a
+message.
 
     .venv/bin/python benchmarks/hogwild.py            # full sizes
     .venv/bin/python benchmarks/hogwild.py --quick    # small sizes (make bench)
@@ -15,6 +25,7 @@ Writes ``benchmarks/results/hogwild.json``.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import pathlib
@@ -22,7 +33,6 @@ import platform
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,60 +59,37 @@ def synthetic_mnist(num_examples: int, seed: int = 0) -> tuple[np.ndarray, np.nd
 # Ours.
 
 
-class ReshapePoolCNN(nn.Module):
-    """models.cnn's network (same layers, same parameter names), 2×2 max-pool by reshape.
-
-    The forward pass is identical; the backward pass of a reshape-max is a cheap select where
-    ``nn.max_pool``'s is XLA's select-and-scatter, the slowest op of this network on CPU.
-    """
-
-    num_classes: int = NUM_CLASSES
-
-    @nn.compact
-    def __call__(self, x):
-        for layer, features in enumerate((10, 20)):
-            x = nn.Conv(features, (5, 5), padding="VALID", name=f"conv_{layer}")(x)
-            b, h, w, c = x.shape
-            x = nn.relu(x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4)))
-        x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(50, name="hidden")(x))
-        return nn.Dense(self.num_classes, name="logits")(x)
-
-
-def _loss_of(model, pool):
-    if pool == "flax":
-        return model.loss
-    module = ReshapePoolCNN()
-
-    def loss(params, batch):
-        return models.loss_fn(module.apply({"params": params}, batch[0]), batch[1])
-
-    return loss
+def _time_gradient(loss, params, batch, repeats=10):
+    """Seconds per jitted gradient of ``loss`` on ``batch`` (after a compiling call)."""
+    grad = jax.jit(jax.grad(loss))
+    jax.block_until_ready(grad(params, batch))
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = grad(params, batch)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / repeats
 
 
 class Ours:
     """asgd_jax.hogwild on models.cnn; every program is compiled once, in setup."""
 
-    def __init__(self, args, data):
+    def __init__(self, args, data, ray_ok):
         self.args = args
         self.model = models.cnn(NUM_CLASSES)
-        self.loss = _loss_of(self.model, args.pool)
+        self.loss = self.model.loss
         self.params = self.model.init(jax.random.key(0), IMAGE)
         self.optimizer = optax.sgd(args.lr)
         self.x, self.y = jnp.asarray(data[0]), jnp.asarray(data[1])
-        grad = jax.jit(jax.grad(self.loss))
         batch = (self.x[: args.batch_size], self.y[: args.batch_size])
-        jax.block_until_ready(grad(self.params, batch))
-        start = time.perf_counter()
-        for _ in range(10):
-            out = grad(self.params, batch)
-        jax.block_until_ready(out)
-        self.grad_time = (time.perf_counter() - start) / 10
+        self.grad_time = _time_gradient(self.loss, self.params, batch)
         self.extra_time = args.straggler_factor * self.grad_time
         for mode in ("locked", "lock_free", "sync"):
             self.train(mode, 2, 2)
+        if ray_ok:
+            self.train("locked", 1, 2, backend="ray")
+        self._plain = None
 
-    def train(self, mode, workers, steps, straggler=None):
+    def train(self, mode, workers, steps, straggler=None, backend="threads"):
         return hogwild.train(
             self.loss,
             self.params,
@@ -114,17 +101,19 @@ class Ours:
             batch_size=self.args.batch_size,
             straggler=straggler,
             seed=1,
+            **({} if backend == "threads" else {"backend": backend}),
         )
 
-    def measure(self, mode, workers, slow):
+    def measure(self, mode, workers, slow, backend="threads"):
         straggler = hogwild.Straggler.one_slow(self.extra_time, worker=0) if slow else None
         # Equal gradient budgets: a sync update consumes `workers` gradients.
         steps = self.args.steps // workers if mode == "sync" else self.args.steps
-        result = self.train(mode, workers, steps, straggler)
+        result = self.train(mode, workers, steps, straggler, backend)
         m = result.metrics
         loss = self.loss(result.params, (self.x[:2048], self.y[:2048]))
         return dict(
             impl="asgd_jax",
+            backend=backend,
             mode=mode,
             workers=workers,
             straggler=slow,
@@ -140,6 +129,91 @@ class Ours:
             write_residual=m.write_residual,
             final_loss=float(loss),
         )
+
+    def plain_loop(self, steps):
+        """Seconds per step of a plain jitted loop doing one worker's work: the same batch
+        sampling (``hogwild.worker_batch``), gradient and SGD update, no server."""
+        if self._plain is None:
+            size, key = self.args.batch_size, jax.random.key(1)
+
+            @jax.jit
+            def step(params, opt_state, data, t):
+                grads = jax.grad(self.loss)(params, hogwild.worker_batch(data, size, key, 0, t))
+                updates, opt_state = self.optimizer.update(grads, opt_state, params)
+                return optax.apply_updates(params, updates), opt_state
+
+            self._plain = step
+        state = (self.params, self.optimizer.init(self.params))
+        data = (self.x, self.y)
+        jax.block_until_ready(self._plain(*state, data, 0))
+        start = time.perf_counter()
+        for t in range(steps):
+            state = self._plain(*state, data, t)
+        jax.block_until_ready(state)
+        return (time.perf_counter() - start) / steps
+
+
+def ray_overhead(args):
+    """Ray's per-update overhead on the digits MLP: one worker's time per update (locked)
+    minus the gradient's own compute time; the thread backend beside it."""
+    from asgd_jax import data as data_lib
+
+    digits = data_lib.load("digits")
+    model = models.mlp((64,))
+    params = model.init(jax.random.key(0), digits.input_shape)
+    arrays = (digits.x_train, digits.y_train)
+    batch = (arrays[0][: args.mlp_batch_size], arrays[1][: args.mlp_batch_size])
+    compute = _time_gradient(model.loss, params, batch, repeats=50)
+    steps = 100 if args.quick else 400
+    per_update = {}
+    for backend in ("threads", "ray"):
+        times = []
+        for _ in range(args.repeats + 1):  # the first run warms the workers up
+            result = hogwild.train(
+                model.loss,
+                params,
+                optax.sgd(0.1),
+                arrays,
+                num_workers=1,
+                steps=steps,
+                batch_size=args.mlp_batch_size,
+                seed=1,
+                **({} if backend == "threads" else {"backend": backend}),
+            )
+            times.append(result.metrics.wall_time / result.metrics.updates)
+        per_update[backend] = min(times[1:])
+    return dict(
+        model=model.name,
+        batch_size=args.mlp_batch_size,
+        updates=steps,
+        gradient_ms=1e3 * compute,
+        threads_per_update_ms=1e3 * per_update["threads"],
+        ray_per_update_ms=1e3 * per_update["ray"],
+        ray_overhead_ms=1e3 * (per_update["ray"] - compute),
+        threads_overhead_ms=1e3 * (per_update["threads"] - compute),
+        target_ms=2.0,
+    )
+
+
+def start_ray(args):
+    """A fresh local Ray for the Ray column (every run joins it), or why there is none."""
+    if args.no_ray:
+        return "--no-ray: skipping the Ray backend"
+    try:
+        import ray
+    except ImportError:
+        return "ray is not installed: skipping the Ray backend (pip install 'asgd-jax[ray]')"
+    if "backend" not in inspect.signature(hogwild.train).parameters:
+        return "hogwild.train has no backend='ray' yet: skipping the Ray backend"
+    # address="local": a cluster of our own, never another process's on this machine.
+    ray.init(
+        address="local",
+        num_cpus=max(args.workers),
+        include_dashboard=False,
+        object_store_memory=256 * 1024**2,
+        log_to_driver=False,
+    )
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,6 +392,7 @@ def make_peer(args, data):
 
 def _format(row):
     extra = f"  threads/process={row['threads_per_process']}" if row["impl"] == "torch" else ""
+    name = "torch" if row["impl"] == "torch" else row["backend"]
     if row["impl"] == "asgd_jax":
         extra = (
             f"  τ̄={row['mean_staleness']:.2f} τmax={row['max_staleness']:3d}"
@@ -325,7 +400,7 @@ def _format(row):
         )
     slow = "slow" if row["straggler"] else "-"
     return (
-        f"{row['impl']:8s} {row['mode']:9s} workers={row['workers']} straggler={slow:4s}"
+        f"{name:8s} {row['mode']:9s} workers={row['workers']} straggler={slow:4s}"
         f"  updates/s={row['updates_per_second']:7.1f}  grads/s={row['gradients_per_second']:7.1f}"
         f"  loss={row['final_loss']:.3f}{extra}"
     )
@@ -336,6 +411,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small sizes (make bench)")
     parser.add_argument("--steps", type=int, default=None, help="gradients per configuration")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--mlp-batch-size", type=int, default=32, help="Ray overhead's batch")
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument(
@@ -344,14 +420,9 @@ def main(argv=None):
         default=3.0,
         help="the slow worker's extra time per gradient, in units of one gradient's time",
     )
-    parser.add_argument(
-        "--pool",
-        choices=("flax", "reshape"),
-        default="flax",
-        help="flax: asgd_jax.models.cnn as is; reshape: the same CNN, max-pool by reshape",
-    )
     parser.add_argument("--repeats", type=int, default=None, help="runs per configuration")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
+    parser.add_argument("--no-ray", action="store_true", help="skip the Ray backend")
     parser.add_argument("--output", type=pathlib.Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.steps is None:
@@ -366,7 +437,11 @@ def main(argv=None):
         f"best of {args.repeats}",
         flush=True,
     )
-    ours = Ours(args, data)
+    no_ray = start_ray(args)
+    if no_ray:
+        print(no_ray, flush=True)
+    backends = ("threads",) if no_ray else ("threads", "ray")
+    ours = Ours(args, data, ray_ok=not no_ray)
     peer = make_peer(args, data)
     print(
         f"one gradient: {1e3 * ours.grad_time:.1f} ms; the straggler adds "
@@ -378,16 +453,24 @@ def main(argv=None):
     best: dict = {}
 
     def keep(row):
-        key = (row["impl"], row["mode"], row["workers"], row["straggler"])
+        key = (row.get("backend", "torch"), row["mode"], row["workers"], row["straggler"])
         print(_format(row), flush=True)
         if key not in best or row["updates_per_second"] > best[key]["updates_per_second"]:
             best[key] = row
 
+    plain, one_worker, peer_closed = [], [], False
     try:
         for _ in range(args.repeats):
             for workers in args.workers:
                 for mode in ("locked", "lock_free", "sync"):
-                    keep(ours.measure(mode, workers, False))
+                    row = ours.measure(mode, workers, False)
+                    keep(row)
+                    if mode == "locked" and workers == 1:
+                        # The thread backend against a plain jitted loop, back to back.
+                        one_worker.append(row["wall_time"] / row["updates"])
+                        plain.append(ours.plain_loop(args.steps))
+                if "ray" in backends:
+                    keep(ours.measure("locked", workers, False, backend="ray"))
                 if peer is not None:
                     # One thread per process, or the cores split among the processes:
                     # whichever is faster (oversubscribed OpenMP threads spin).
@@ -395,50 +478,95 @@ def main(argv=None):
                         keep(peer.measure(workers, threads))
                 for mode in ("locked", "lock_free", "sync"):
                     keep(ours.measure(mode, workers, True))
-    finally:
         if peer is not None:
             peer.close()
+            peer_closed = True
+        overhead = None if no_ray else ray_overhead(args)
+    finally:
+        if peer is not None and not peer_closed:
+            peer.close()
+        if not no_ray:
+            import ray
+
+            ray.shutdown()
     rows = list(best.values())
     grad_time, extra = ours.grad_time, ours.extra_time
 
     print("\nupdates/s (async: 1 gradient per update; sync: `workers` gradients per update)")
-    header = f"{'mode':10s}{'straggler':>10s}" + "".join(f"{w:>10d}w" for w in args.workers)
+    header = f"{'backend, mode':20s}{'straggler':>10s}" + "".join(
+        f"{w:>10d}w" for w in args.workers
+    )
     print(header)
 
-    def rate(impl, mode, workers, slow):
-        row = best.get((impl, mode, workers, slow))
+    def rate(backend, mode, workers, slow=False):
+        row = best.get((backend, mode, workers, slow))
         return row["updates_per_second"] if row else float("nan")
 
-    for slow in (False, True):
-        for mode in ("locked", "lock_free", "sync"):
-            cells = "".join(f"{rate('asgd_jax', mode, w, slow):11.1f}" for w in args.workers)
-            print(f"{mode:10s}{('yes' if slow else 'no'):>10s}{cells}")
-    ratios = {}
+    lines = [("threads", m, s) for s in (False, True) for m in ("locked", "lock_free", "sync")]
+    lines += [("ray", "locked", False)] if "ray" in backends else []
+    lines += [("torch", "lock_free", False)] if peer is not None else []
+    for backend, mode, slow in lines:
+        cells = "".join(f"{rate(backend, mode, w, slow):11.1f}" for w in args.workers)
+        print(f"{backend + ' ' + mode:20s}{('yes' if slow else 'no'):>10s}{cells}")
+    best_vs_torch = {}
     if peer is not None:
-        cells = "".join(f"{rate('torch', 'lock_free', w, False):11.1f}" for w in args.workers)
-        print(f"{'torch':10s}{'no':>10s}{cells}")
-        for mode in ("locked", "lock_free"):
-            ratios[mode] = {
-                w: rate("asgd_jax", mode, w, False) / rate("torch", "lock_free", w, False)
-                for w in args.workers
-            }
-            cells = "".join(f"{ratios[mode][w]:11.2f}" for w in args.workers)
-            print(f"{mode + '÷torch':20s}{cells}")
+        for w in args.workers:
+            candidates = [(b, m) for b, m, s in lines if b != "torch" and not s and m != "sync"]
+            backend, mode = max(candidates, key=lambda bm: rate(*bm, w))
+            best_vs_torch[str(w)] = dict(
+                ratio=rate(backend, mode, w) / rate("torch", "lock_free", w),
+                backend=backend,
+                mode=mode,
+            )
+        cells = "".join(f"{best_vs_torch[str(w)]['ratio']:11.2f}" for w in args.workers)
+        print(f"{'best ours ÷ torch':30s}{cells}   (target ≥ 1.0)")
+        print(
+            "  best: "
+            + ", ".join(f"{w}w {v['backend']} {v['mode']}" for w, v in best_vs_torch.items())
+        )
+    # Best of the repeats for each (the least disturbed), each pair measured back to back.
+    threads_loop = None
+    if one_worker:
+        threads_loop = dict(
+            model="cnn",
+            batch_size=args.batch_size,
+            steps=args.steps,
+            hogwild_ms=1e3 * min(one_worker),
+            plain_ms=1e3 * min(plain),
+            ratio=min(one_worker) / min(plain),
+            target=1.10,
+        )
+        print(
+            f"\nthreads, 1 worker, locked ÷ a plain jitted loop (CNN, batch {args.batch_size}): "
+            f"{threads_loop['hogwild_ms']:.2f} / {threads_loop['plain_ms']:.2f} ms per update "
+            f"= {threads_loop['ratio']:.3f}   (target ≤ 1.10)"
+        )
+    if overhead is not None:
+        print(
+            f"Ray per-update overhead ({overhead['model']} on digits, batch "
+            f"{overhead['batch_size']}, 1 worker): {overhead['ray_per_update_ms']:.2f} ms per "
+            f"update − {overhead['gradient_ms']:.2f} ms gradient = "
+            f"{overhead['ray_overhead_ms']:.2f} ms   (target ≤ 2 ms; threads: "
+            f"{overhead['threads_overhead_ms']:.2f} ms)"
+        )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     report = dict(
         benchmark="hogwild",
         quick=args.quick,
         steps=args.steps,
         batch_size=args.batch_size,
-        pool=args.pool,
         jax=jax.__version__,
         python=platform.python_version(),
         cpu_count=os.cpu_count(),
         xla_flags=os.environ.get("XLA_FLAGS", ""),
         gradient_time_s=grad_time,
         straggler_extra_time_s=extra,
+        backends=list(backends),
+        skipped=[reason for reason in (no_ray,) if reason],
         rows=rows,
-        ratio_vs_torch={m: {str(w): v for w, v in r.items()} for m, r in ratios.items()},
+        best_vs_torch=best_vs_torch,
+        threads_vs_plain_loop=threads_loop,
+        ray_overhead=overhead,
     )
     args.output.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {args.output}")
