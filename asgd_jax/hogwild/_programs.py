@@ -81,12 +81,13 @@ def _worker_program(spec: WorkerSpec) -> Callable:
 
 
 def _apply_program(step: Step, average: bool) -> Callable:
-    """One server update: (averaged modes: the mean of a tuple of gradients, in its order),
-    then the contract's apply half, :meth:`asgd_jax.Step.apply`; returns what was applied."""
+    """One server update: (averaged modes: the mean over the gradients stacked on the leading
+    axis), then the contract's apply half, :meth:`asgd_jax.Step.apply`; returns what was
+    applied as well."""
 
     def program(params, opt_state, grads):
         if average:
-            grads = jax.tree.map(lambda *g: jnp.mean(jnp.stack(g), axis=0), *grads)
+            grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
         params, opt_state = step.apply(grads, params, opt_state)
         return params, opt_state, grads
 
@@ -122,7 +123,8 @@ def compile_worker(
 
 
 def compile_apply(step: Step, params: Any, opt_state: Any, grads: Any, *, average: bool) -> Any:
-    """The compiled server update taking ``grads`` (a tuple of gradients when ``average``).
+    """The compiled server update taking ``grads`` (stacked on a leading axis when
+    ``average``).
 
     Cached on the optimizer and the shapes only: the update does not depend on the loss.
     """

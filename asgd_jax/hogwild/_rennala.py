@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from asgd_jax.hogwild import _programs
 from asgd_jax.hogwild._server import Server
 
 __all__ = ["RennalaServer"]
+
+
+def _stack(pushes: list[list]) -> list[np.ndarray]:
+    """The round's gradients stacked per leaf on the host (one copy; the update program
+    takes a leading axis of S, so its compilation does not grow with S)."""
+    return [np.stack(leaf) for leaf in zip(*pushes, strict=True)]
 
 
 class RennalaServer(Server):
@@ -43,7 +50,9 @@ class RennalaServer(Server):
         self._round: list[tuple] = []  # (worker, step, loss, leaves) collected at `version`
 
     def grad_structs(self):
-        return (super().grad_structs(),) * self.k
+        return jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct((self.k, *s.shape), s.dtype), super().grad_structs()
+        )
 
     def compile(self) -> None:
         self._apply = _programs.compile_apply(
@@ -67,7 +76,7 @@ class RennalaServer(Server):
         if len(self._round) < self.k:
             return [worker]
         rows, self._round = self._round, []
-        version = self.apply(tuple(self.unflatten(r[3]) for r in rows))
+        version = self.apply(self.unflatten(_stack([r[3] for r in rows])))
         # The round is logged under the worker whose gradient completed it, with the mean loss.
         self.log(worker, version - 1, version - 1, step, float(np.mean([r[2] for r in rows])))
         if self.stops:

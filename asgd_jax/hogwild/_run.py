@@ -14,7 +14,6 @@ mid-push cannot deadlock it.
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 import warnings
@@ -35,35 +34,25 @@ THREAD_PREFIX = "asgd-hogwild"
 
 
 class Mailbox:
-    """Pushes from the workers to the server thread, and the server's acknowledgements.
+    """The acknowledgements a worker waits for when its push completes no update itself.
 
-    Every wait is bounded by ``POLL_S`` and re-checks ``stop``, so neither side can be left
-    waiting on the other after a failure.
+    In ``"sync"`` mode a worker's gradient waits for the round; the worker whose push
+    completes it acknowledges every other. Every wait is bounded by ``POLL_S`` and re-checks
+    ``stop``, so no worker is left waiting after a failure.
     """
 
     def __init__(self, num_workers: int, stop: threading.Event):
-        self._inbox: queue.Queue = queue.Queue()
         self._acks = [threading.Event() for _ in range(num_workers)]
         self._stop = stop
 
-    def deliver(self, item: tuple) -> bool:
-        """Hands ``item`` (its worker first) to the server; True once applied, False on stop."""
-        ack = self._acks[item[0]]
-        self._inbox.put(item)
+    def wait(self, worker: int) -> bool:
+        """Waits until ``worker``'s push is applied: True, or False on stop."""
+        ack = self._acks[worker]
         while not ack.wait(POLL_S):
             if self._stop.is_set():
                 return False
         ack.clear()
         return True
-
-    def next_item(self) -> tuple | None:
-        """The next push, or ``None`` once the run stops."""
-        while not self._stop.is_set():
-            try:
-                return self._inbox.get(timeout=POLL_S)
-            except queue.Empty:
-                continue
-        return None
 
     def acknowledge(self, workers: list[int]) -> None:
         for worker in workers:
@@ -83,6 +72,8 @@ class Run:
         self.errors: list[tuple[int | None, BaseException]] = []
         self._lock = threading.Lock()
         self.mailbox = Mailbox(self.num_workers, self.stop)
+        # Serial modes: one push at a time, in the order the workers take this lock.
+        self._push_lock = threading.Lock()
         # Set to end a worker's straggler wait early: on a stop of the run or of its job.
         self.wake = [threading.Event() for _ in range(self.num_workers)]
         server.on_stop = self._stop_job
@@ -167,11 +158,7 @@ class Run:
                     break
                 if server.stops and server.cancelled(worker):
                     server.abandon(*item[:4])  # restart at the current point
-                elif not server.serial:
-                    server.push(*item)
-                    if server.finished():
-                        self.request_stop("steps")
-                elif not self.mailbox.deliver(item):
+                elif not self._push(worker, item):
                     break
                 step += 1
                 self.local_steps[worker] = step
@@ -179,14 +166,31 @@ class Run:
         except BaseException as exc:
             self.fail(worker, exc)
 
-    def run_server(self) -> None:
+    def _push(self, worker: int, item: tuple) -> bool:
+        """Hands ``item`` to the server in the pushing thread; True once it is applied.
+
+        The pushing worker runs the server's update itself (serial modes under one lock, so
+        updates are applied one at a time in arrival order): no server thread, no handoff
+        between threads per update. An exception in the update is the server's.
+        """
+        server = self.server
         try:
-            while (item := self.mailbox.next_item()) is not None:
-                self.mailbox.acknowledge(self.server.push(*item))
-                if self.server.finished():
-                    self.request_stop("steps")
+            if server.serial:
+                with self._push_lock:
+                    if self.stop.is_set() or server.finished():
+                        return False  # the run ended while this push waited its turn
+                    applied = server.push(*item)
+            else:
+                applied = server.push(*item)
         except BaseException as exc:
             self.fail(None, exc)
+            return False
+        if server.finished():
+            self.request_stop("steps")
+        others = [w for w in applied if w != worker]
+        if others:
+            self.mailbox.acknowledge(others)
+        return worker in applied or self.mailbox.wait(worker)
 
     # -- the calling thread --------------------------------------------------------------------
 
@@ -217,12 +221,6 @@ class Run:
             )
             for w in range(self.num_workers)
         ]
-        if server.serial:
-            threads.append(
-                threading.Thread(
-                    target=self.run_server, name=f"{THREAD_PREFIX}-server", daemon=True
-                )
-            )
         ended = None
         server.start_clock()
         try:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from asgd_jax.hogwild import _programs
+from asgd_jax.hogwild._rennala import _stack
 from asgd_jax.hogwild._server import Server
 
 __all__ = ["SyncServer"]
@@ -25,7 +27,10 @@ class SyncServer(Server):
         self._arrived: dict[int, tuple] = {}
 
     def grad_structs(self):
-        return (super().grad_structs(),) * self.num_workers
+        return jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct((self.num_workers, *s.shape), s.dtype),
+            super().grad_structs(),
+        )
 
     def compile(self) -> None:
         self._apply = _programs.compile_apply(
@@ -43,7 +48,7 @@ class SyncServer(Server):
         rows = [self._arrived[w] for w in range(self.num_workers)]
         self._arrived = {}
         mean_loss = float(np.mean([r[1] for r in rows]))
-        version = self.apply(tuple(self.unflatten(r[2]) for r in rows))
+        version = self.apply(self.unflatten(_stack([r[2] for r in rows])))
         # The round is logged under the worker whose gradient completed it.
         self.log(worker, version - 1, version - 1, step, mean_loss)
         return list(range(self.num_workers))
