@@ -26,7 +26,7 @@ from asgd_jax.cli._flags import (
     check_target,
     config_from_args,
     seeds_of,
-    sweep_values,
+    sweep_axes,
 )
 from asgd_jax.cli._outputs import make_dir as _make_dir
 from asgd_jax.cli._outputs import output_dir as _output_dir
@@ -132,13 +132,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     base = config_from_args(args)
     check_target(args.target)
-    values = sweep_values(args.over, args.values)
-    configs = []
-    for value in values:
-        try:
-            configs.append(base.replace(**{args.over: value}))
-        except (TypeError, ValueError) as error:
-            raise UsageError(f"invalid configuration for {args.over}={value}: {error}") from None
+    axes = sweep_axes(args.over, args.values, args.sweep)
+    try:
+        _, points, configs = train_lib.check_sweep(base, axes)
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"invalid {error}") from None
     if any(config.checkpoint_every is not None for config in configs):
         raise UsageError(
             "sweep saves no checkpoints (checkpoint_every applies to `asgd-jax run`): drop "
@@ -147,38 +145,55 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     seeds = seeds_of(base.seed, args.seeds)
     out = _output_dir(args.out, args.overwrite)
     loaded: dict[Any, data_lib.Dataset] = {}
-    datasets = []
     for config in configs:
         source = (config.dataset, config.data_dir, config.train_size)
         if source not in loaded:
             loaded[source] = _load_dataset(config)
         else:
             _check_fits(config, loaded[source])
-        datasets.append(loaded[source])
     _make_dir(out)
-    rows, runs, results = [], [], []
-    for value, config, dataset in zip(values, configs, datasets, strict=True):
-        _say(args, f"{args.over}={value}: training {_describe(config)}")
-        result = train_lib.train(config, seeds=seeds, dataset=dataset, progress=_progress(args))
-        results.append(result)
-        rows.append(report.result_row(f"{args.over}={value}", result, args.target))
+    names = list(axes)
+    _say(args, f"sweeping {', '.join(names)}: training {_describe(base)}")
+    shared = next(iter(loaded.values())) if len(loaded) == 1 else None
+    swept = train_lib.train(base, sweep=axes, seeds=seeds, dataset=shared, progress=_progress(args))
+    rows, runs, labels = [], [], []
+    for point, result in swept:
+        label = ", ".join(f"{k}={v}" for k, v in point.items())
+        labels.append(label)
+        rows.append(report.result_row(label, result, args.target))
         run = report.result_json(result, args.target)
-        run["value"] = list(value) if isinstance(value, tuple) else value
+        shown = {k: list(v) if isinstance(v, tuple) else v for k, v in point.items()}
+        run["value"] = shown[names[0]] if len(names) == 1 else list(shown.values())
+        run["point"] = shown
         runs.append(run)
+    results = list(swept.results)
     table = report.format_table(report.result_headers(args.target, results[0].time_unit), rows)
     print(table)
+    print(swept.describe())
     report.write_json(
         os.path.join(out, "sweep.json"),
         {
-            "over": args.over,
+            "over": names[0] if len(names) == 1 else names,
             "values": [r["value"] for r in runs],
             "target": args.target,
             "seeds": None if seeds is None else list(seeds),
             "table": table.splitlines(),
+            "programs": {
+                "vmapped": list(swept.vmapped),
+                "looped": list(swept.looped),
+                "groups": [list(g) for g in swept.groups],
+                "max_delays": list(swept.max_delays),
+                "summary": swept.describe(),
+            },
+            "wall_seconds": swept.wall_seconds,
             "runs": runs,
         },
     )
-    report.plot_sweep(args.over, values, results, os.path.join(out, "sweep.png"))
+    png = os.path.join(out, "sweep.png")
+    if len(names) == 1:
+        report.plot_sweep(names[0], [p[names[0]] for p in points], results, png)
+    else:
+        report.plot_sweep(" × ".join(names), labels, results, png)
     _say(args, f"wrote {out}/sweep.json, sweep.png")
     return 0
 
@@ -275,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  asgd-jax run --num-workers 16 --num-slow 4 --mitigation dc_asgd --seeds 4\n"
         "  asgd-jax run my_config.json --learning-rate 0.05\n"
         "  asgd-jax sweep --over num_workers --values 1,2,4,8,16 --seeds 4\n"
+        "  asgd-jax sweep --sweep learning_rate=0.05,0.1,0.2 --sweep num_slow=0,2,4 --seeds 8\n"
         "Run `asgd-jax COMMAND --help` for a command's options.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -343,23 +359,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = commands.add_parser(
         "sweep",
-        help="train one configuration per value of a field, seeds vmapped",
-        description="Train one configuration per value of a config field (e.g. num_workers, "
-        "max_delay, delay_mean, learning_rate), each with its seeds vmapped. Writes sweep.json "
-        "and sweep.png.",
+        help="train every point of a grid of field values, seeds vmapped",
+        description="Train every point of the Cartesian product of config field values "
+        "(--sweep FIELD=V1,V2,... once per field, or --over FIELD --values V1,V2,...). "
+        "Fields that enter the program as data (learning_rate, momentum, dc_lambda, "
+        "min_delay, delay_mean, the compute-time law, num_slow, slow_factor, comm_time) run "
+        "together with the seeds in one compiled program; fields that change shapes or code "
+        "(num_workers, max_delay, hidden_sizes, batch_size, ...) loop, one program each. "
+        "Writes sweep.json and sweep.png.",
     )
     sweep.add_argument("config", nargs="?", metavar="CONFIG.json", help="base configuration")
     sweep.add_argument(
+        "--sweep",
+        action="append",
+        metavar="FIELD=V1,V2,...",
+        help="a config field and its values (repeat for a grid; for hidden_sizes: 64;64,64)",
+    )
+    sweep.add_argument(
         "--over",
-        required=True,
         metavar="FIELD",
-        help="the config field to vary, e.g. num_workers or max_delay",
+        help="the config field to vary, e.g. num_workers or max_delay (with --values)",
     )
     sweep.add_argument(
         "--values",
-        required=True,
         metavar="V1,V2,...",
-        help="comma-separated values (for hidden_sizes: 64;64,64)",
+        help="comma-separated values of --over (for hidden_sizes: 64;64,64)",
     )
     add_common_flags(sweep, target=None)
     sweep.add_argument("--seeds", type=int, default=4, help="seeds per value, vmapped (default: 4)")

@@ -24,6 +24,7 @@ __all__ = [
     "check_target",
     "config_from_args",
     "seeds_of",
+    "sweep_axes",
     "sweep_values",
 ]
 
@@ -127,7 +128,7 @@ def sweep_values(field: str, text: str) -> list[Any]:
     """The values of ``--values`` for the config field ``--over`` names."""
     fields = _fields()
     if field not in fields:
-        raise UsageError(f"--over must name a config field, got {field!r}")
+        raise UsageError(f"--over / --sweep must name a config field, got {field!r}")
     parse = _value_parser(fields[field])
     values = []
     for item in text.split(";") if field == "hidden_sizes" else text.split(","):
@@ -137,10 +138,32 @@ def sweep_values(field: str, text: str) -> list[Any]:
         try:
             values.append(parse(item))
         except argparse.ArgumentTypeError as error:
-            raise UsageError(f"--values for {field}: {error}") from None
+            raise UsageError(f"values of {field}: {error}") from None
     if not values:
-        raise UsageError("--values must list at least one value")
+        raise UsageError(f"the values of {field} must list at least one value")
     return values
+
+
+def sweep_axes(
+    over: str | None, values: str | None, items: list[str] | None
+) -> dict[str, list[Any]]:
+    """The axes of a sweep: ``--over FIELD --values V1,V2`` and each ``--sweep FIELD=V1,V2``."""
+    axes: dict[str, list[Any]] = {}
+    if (over is None) != (values is None):
+        raise UsageError("--over FIELD and --values V1,V2,... go together (or use --sweep)")
+    if over is not None:
+        axes[over] = sweep_values(over, values)
+    for item in items or []:
+        field, sep, text = item.partition("=")
+        field = field.strip().replace("-", "_")
+        if not sep or not field:
+            raise UsageError(f"--sweep takes FIELD=V1,V2,..., got {item!r}")
+        if field in axes:
+            raise UsageError(f"{field} is swept twice (--over / --sweep)")
+        axes[field] = sweep_values(field, text)
+    if not axes:
+        raise UsageError("sweep needs --over FIELD --values V1,V2,... or --sweep FIELD=V1,V2,...")
+    return axes
 
 
 def seeds_of(first: int, num_seeds: int) -> tuple[int, ...] | None:
