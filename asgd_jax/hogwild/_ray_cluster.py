@@ -70,7 +70,8 @@ def cluster(ray_address: str | None, num_workers: int):
         _check_reachable(address)
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_workers, include_dashboard=False, log_to_driver=True)
+        # "local": a new Ray of its own, never one another process started on this machine.
+        ray.init(address="local", num_cpus=num_workers, include_dashboard=False)
     try:
         yield True
     finally:
