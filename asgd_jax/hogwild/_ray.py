@@ -239,7 +239,7 @@ def _key_parts(key: Any) -> tuple[np.ndarray, str | None]:
 
 
 def _drive(ray, server, workers, args, *, steps, time_limit, progress, treedef, mode):
-    """Starts the warm workers, re-issues the runs of restarted ones, stops, collects."""
+    """Starts the warm workers, watches their runs and the time limit, stops, collects."""
     errors = ray.exceptions
     ready = ray.get(server.ready.remote())
     bar = None
