@@ -24,7 +24,8 @@ import time
 
 HERE = pathlib.Path(__file__).parent
 RESULTS = HERE / "results"
-BENCHMARKS = ["overhead", "workers", "devices", "seeds", "hogwild", "sdde_validation"]
+BENCHMARKS = ["overhead", "workers", "devices", "seeds", "sweep", "torch_loop", "hogwild"]
+BENCHMARKS += ["sdde_validation"]
 
 
 def _extra_args(pairs: list[str]) -> dict[str, list[str]]:

@@ -8,8 +8,9 @@ given enough data, and that the learning rate should shrink as asynchrony grows:
 η scaled by 1/τ̄ the stability bound, hence the generalization error, stays small.
 
 :func:`generalization_study` measures both quantities with the library's one training loop
-(:func:`asgd_jax.train.train`, seeds vmapped), following the checkable protocol of Deng et
-al. (2024): for average delays τ̄ ∈ {0, 4, 8, 16, 32} and two learning-rate schedules,
+(:func:`asgd_jax.train.train`; per delay, one sweep: the learning rates and the seeds run
+vmapped in one program), following Deng et al. (2024): for average delays
+τ̄ ∈ {0, 4, 8, 16, 32} and two learning-rate schedules,
 
 * ``"fixed"``: η = η₀ for every delay;
 * ``"inverse_delay"``: η = η₀ / max(τ̄, 1) (τ̄ = 0 keeps η₀),
@@ -250,7 +251,8 @@ def generalization_study(
 ) -> GeneralizationResult:
     """Measures the generalization gap and the stability proxy against the average delay.
 
-    Every run goes through :func:`asgd_jax.train.train` with the seeds vmapped. For each
+    Every run goes through :func:`asgd_jax.train.train` as a sweep: for each delay the
+    schedules' learning rates and the seeds run vmapped in one compiled program. For each
     schedule and delay the study trains on S (the first ``train_size`` training examples) and,
     for the stability proxy, on S′ (S with example ``differing_index`` replaced by an unseen
     one) with the same seeds; runs that differ only in their number of steps share one
@@ -299,12 +301,9 @@ def generalization_study(
     num_steps = _check_int("num_steps", num_steps, 1)
     eval_every = _check_int("eval_every", eval_every, 1)
     if num_steps % eval_every:
-        raise ValueError(
-            f"num_steps must be a multiple of eval_every={eval_every}, got {num_steps}"
-        )
+        raise ValueError(f"num_steps must be a multiple of eval_every={eval_every}: {num_steps}")
     num_evals = num_steps // eval_every
-    if stability_points is None:
-        stability_points = num_evals
+    stability_points = num_evals if stability_points is None else stability_points
     stability_points = _check_int("stability_points", stability_points, 1)
     if stability_points > num_evals:
         raise ValueError(
@@ -312,7 +311,6 @@ def generalization_study(
             f"{stability_points}"
         )
     scaled_learning_rate(learning_rate, 0, "fixed")  # validates learning_rate
-
     base = base_config if base_config is not None else train_lib.TrainConfig(optimizer="sgd")
     if not isinstance(base, train_lib.TrainConfig):
         raise TypeError(f"base_config must be a TrainConfig, got {type(base).__name__}")
@@ -339,24 +337,23 @@ def generalization_study(
     train_loss = test_loss = test_acc = None
     stability = np.zeros((*shape, len(picks)))
     staleness = np.zeros(shape)
-    cache: dict[tuple[int, float], tuple[np.ndarray, ...]] = {}
-    for c, schedule in enumerate(schedules):
-        for d, delay in enumerate(delays):
-            lr = scaled_learning_rate(learning_rate, delay, schedule)
+    for d, delay in enumerate(delays):
+        # One sweep per delay: the schedules' learning rates run vmapped in one program.
+        rates = [scaled_learning_rate(learning_rate, delay, s) for s in schedules]
+        distinct = sorted(set(rates))
+        config = delay_config(base, delay, delay_law)
+        measured = _measure(config, distinct, seeds, first, second, stability_steps)
+        for c, lr in enumerate(rates):
+            history, distances, mean_staleness = measured[distinct.index(lr)]
             lrs[c, d] = lr
-            if (delay, lr) not in cache:
-                config = delay_config(base, delay, delay_law).replace(learning_rate=lr)
-                cache[(delay, lr)] = _measure(config, seeds, first, second, stability_steps)
-            history, distances, measured = cache[(delay, lr)]
             if train_loss is None:
                 train_loss = np.zeros((*shape, history["train_loss"].shape[-1]))
-                test_loss = np.zeros_like(train_loss)
-                test_acc = np.zeros_like(train_loss)
+                test_loss, test_acc = np.zeros_like(train_loss), np.zeros_like(train_loss)
             train_loss[c, d] = history["train_loss"]
             test_loss[c, d] = history["test_loss"]
             test_acc[c, d] = history["test_accuracy"]
             stability[c, d] = distances
-            staleness[c, d] = measured
+            staleness[c, d] = mean_staleness
     return GeneralizationResult(
         delays=delays,
         schedules=schedules,
@@ -378,23 +375,24 @@ def generalization_study(
 
 def _measure(
     config: train_lib.TrainConfig,
+    rates: Sequence[float],
     seeds: tuple[int, ...],
     first: data_lib.Dataset,
     second: data_lib.Dataset,
     stability_steps: np.ndarray,
-) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """The history on S, the distances ‖A_t(S) − A_t(S′)‖ at ``stability_steps``, and the
-    measured mean staleness, for one configuration."""
+) -> list[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]]:
+    """Per rate in ``rates`` (one sweep axis: one program, shared by every length and both
+    datasets): the history on S, ‖A_t(S) − A_t(S′)‖ at ``stability_steps``, the mean τ."""
+    sweep = {"learning_rate": list(rates)}
     distances = []
-    full = None
-    for steps in stability_steps:
+    for steps in stability_steps:  # the last is num_steps: ``on_first`` is then the full run
         run = config.replace(num_steps=int(steps))
-        on_first = train_lib.train(run, seeds=seeds, dataset=first, progress=False)
-        on_second = train_lib.train(run, seeds=seeds, dataset=second, progress=False)
-        distances.append(np.asarray(parameter_distance(on_first.params, on_second.params)))
-        if steps == config.num_steps:
-            full = on_first
-    if full is None:  # the last stability step is always num_steps; kept for safety
-        full = train_lib.train(config, seeds=seeds, dataset=first, progress=False)
-    history = {k: np.asarray(v) for k, v in full.history.items()}
-    return history, np.stack(distances, axis=-1), history["mean_staleness"][..., -1]
+        on_first = train_lib.train(run, sweep=sweep, seeds=seeds, dataset=first, progress=False)
+        on_second = train_lib.train(run, sweep=sweep, seeds=seeds, dataset=second, progress=False)
+        pairs = zip(on_first.results, on_second.results, strict=True)
+        distances.append([np.asarray(parameter_distance(a.params, b.params)) for a, b in pairs])
+    histories = [{k: np.asarray(v) for k, v in r.history.items()} for r in on_first.results]
+    return [
+        (h, np.stack([row[i] for row in distances], -1), h["mean_staleness"][..., -1])
+        for i, h in enumerate(histories)
+    ]
