@@ -154,13 +154,14 @@ def check_sweep(
     axes: dict[str, tuple] = {}
     for name, values in sweep.items():
         if name not in specs:
-            raise ValueError(f"sweep: unknown config field {name!r}; known: {', '.join(specs)}")
+            known = ", ".join(specs)
+            raise ValueError(f"sweep: unknown config field {name!r}; known fields: {known}")
         if name in _NOT_SWEPT:
             raise ValueError(f"sweep: {name} cannot be swept ({_NOT_SWEPT[name]})")
         if isinstance(values, str | bytes) or not isinstance(values, Sequence):
             raise TypeError(f"sweep[{name!r}] must be a list of values, got {values!r}")
         if not values:
-            raise ValueError(f"sweep[{name!r}] must list at least one value")
+            raise ValueError(f"sweep[{name!r}] must list at least one value, got {values!r}")
         checked = []
         for value in values:
             if name in vmap:
@@ -168,13 +169,13 @@ def check_sweep(
                 if isinstance(value, bool) or not isinstance(value, kind):
                     what = "an integer" if kind is numbers.Integral else "a number"
                     raise TypeError(
-                        f"sweep[{name!r}]: {value!r} is not {what} ({name} is swept under vmap, "
-                        "as data of one program)"
+                        f"sweep {name}={value!r}: not {what} ({name} is swept under vmap, as "
+                        "data of one program, so its values must be numbers)"
                     )
             try:
                 checked.append(_fields.check_field(specs[name], metas[name], value))
             except (TypeError, ValueError) as error:
-                raise type(error)(f"sweep[{name!r}]: value {value!r}: {error}") from None
+                raise type(error)(f"sweep {name}={value!r}: {error}") from None
         if len(set(map(repr, checked))) < len(checked):
             raise ValueError(f"sweep[{name!r}] repeats a value: {list(values)}")
         axes[name] = tuple(checked)
