@@ -381,16 +381,17 @@ def _measure(
     second: data_lib.Dataset,
     stability_steps: np.ndarray,
 ) -> list[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]]:
-    """Per rate in ``rates`` (one sweep axis: one program, shared by every length and both
-    datasets): the history on S, ‖A_t(S) − A_t(S′)‖ at ``stability_steps``, the mean τ."""
+    """Per rate (one sweep axis, one program): history on S, ‖A_t(S) − A_t(S′)‖, mean τ."""
     sweep = {"learning_rate": list(rates)}
     distances = []
-    for steps in stability_steps:  # the last is num_steps: ``on_first`` is then the full run
+    for steps in stability_steps:
         run = config.replace(num_steps=int(steps))
         on_first = train_lib.train(run, sweep=sweep, seeds=seeds, dataset=first, progress=False)
         on_second = train_lib.train(run, sweep=sweep, seeds=seeds, dataset=second, progress=False)
         pairs = zip(on_first.results, on_second.results, strict=True)
         distances.append([np.asarray(parameter_distance(a.params, b.params)) for a, b in pairs])
+    if stability_steps[-1] != config.num_steps:  # a single stability point is not the end
+        on_first = train_lib.train(config, sweep=sweep, seeds=seeds, dataset=first, progress=False)
     histories = [{k: np.asarray(v) for k, v in r.history.items()} for r in on_first.results]
     return [
         (h, np.stack([row[i] for row in distances], -1), h["mean_staleness"][..., -1])
