@@ -1,4 +1,5 @@
-"""The ``asgd-jax`` command: ``demo``, ``run`` and ``sweep``, all on :func:`asgd_jax.train.train`.
+"""The ``asgd-jax`` command: ``demo``, ``run`` and ``sweep`` on :func:`asgd_jax.train.train`,
+and ``hogwild`` on :func:`asgd_jax.hogwild.train`.
 
 * ``asgd-jax demo`` trains one model on the bundled digits four ways on the same simulated
   cluster (n workers, some of them stragglers): synchronous SGD (every round waits for all
@@ -9,8 +10,13 @@
   (every number) to the output directory.
 * ``asgd-jax run [CONFIG.json] [--field value ...]`` trains any configuration: a JSON file of
   :class:`asgd_jax.train.TrainConfig` fields, overridden by flags of the same names.
-* ``asgd-jax sweep --over FIELD --values v1,v2,...`` trains one configuration per value
-  (e.g. ``num_workers`` or ``max_delay``), each with its seeds vmapped.
+* ``asgd-jax sweep --sweep FIELD=v1,v2,... [--sweep ...]`` (or ``--over FIELD --values
+  v1,v2,...``) trains the grid of values: fields that do not change shapes (learning rate,
+  delay and worker-law parameters, ...) run together with the seeds in one compiled program;
+  the others (``num_workers``, ``max_delay``, ...) loop, one compile each.
+* ``asgd-jax hogwild`` trains with real asynchronous workers (threads, or Ray actors with
+  ``--backend ray``) and compares the measured staleness with the worker simulator's
+  prediction for the measured worker speeds.
 
 Outputs go to ``--out`` (default ``./runs/<timestamp>``); an existing, non-empty directory is
 only written to with ``--overwrite`` (or ``run --resume``). Bad flags and impossible
