@@ -1,19 +1,22 @@
 """Throughput of the jitted parameter-server simulation against a plain-Python event loop.
 
-For n = 8, 64, 512 workers (asynchronous protocol, exponential compute times) it measures,
-in one run:
-  (a) updates/s of ``asgd_jax.workers.simulate`` with ``method="events"`` (one jitted
-      ``lax.scan``, one cluster) and with ``method="sorted"`` (no event loop: per-worker
-      prefix sums of cycle times and one sort of all arrivals, what ``"auto"`` picks here);
-  (b) updates/s of the same scan vmapped over a batch of independent clusters (seeds);
+For n = 8, 64, 512, 10,000 workers (asynchronous protocol, exponential compute times) it
+measures, in one run:
+  (a) updates/s of ``asgd_jax.workers.simulate`` with ``method="events"`` (the blocked
+      event loop, one cluster), ``method="events_reference"`` (one arrival per scan step,
+      O(n) each; bitwise the same records) and ``method="sorted"`` (no event loop:
+      per-worker prefix sums of cycle times and one sort of all arrivals, what ``"auto"``
+      picks here);
+  (b) updates/s of the event loop vmapped over a batch of independent clusters (seeds);
   (c) updates/s of a ``heapq`` event loop in plain Python with the same semantics, fed the
       same cycle times (``asgd_jax.workers.cycle_times``) and checked to produce the same
       staleness sequence;
 then (a) and (b) again in a fresh process with XLA's small-while-loop pass allowed to compile
-the whole event loop into one kernel (a process-wide XLA flag), and the ratios to (c)
-(target ≥ 20× at n = 64). The event loop costs O(n) per update (a masked minimum over the n
-next-finish times), the sorted path O(log N) per update (a comparator sort of N ≈ 1.2·updates
-finish times), the heap O(log n).
+whole event loops into one kernel (a process-wide XLA flag), and the ratios to (c) (target
+≥ 20× at n = 64, ≥ 10× at n = 10,000). At n = 10,000 every loop runs a fifth of the updates
+(per-update rates compare); compile time is reported apart. The reference loop costs O(n)
+per update, the blocked loop O(1) per arrival on 8 candidates plus one fused float32
+subtraction per worker and arrival, the sorted path O(log N) per update, the heap O(log n).
 
 Usage: python benchmarks/workers.py [--quick] [--batch B] [--repeats R] [--no-flag-run]
 """
@@ -75,36 +78,51 @@ def best_of(fn, repeats: int) -> float:
     return best
 
 
+#: The heapq loop (and its agreement check) at n = 10,000 runs fewer updates; rates compare
+#: per-update costs.
+HEAP_UPDATES_LARGE = 50_000
+
 SMALL_LOOP_FLAG = "--xla_backend_extra_options=xla_cpu_small_while_loop_byte_threshold=1000000000"
 
 
 def jax_rates(n: int, num_updates: int, batch: int, repeats: int) -> dict:
-    """Updates/s of one simulated cluster and of ``batch`` clusters vmapped together."""
+    """Updates/s of one simulated cluster per method, and of ``batch`` clusters vmapped.
+
+    Compilation is timed apart: ``compile_s_*`` is the first call minus the best run.
+    """
     model = workers.parameter_server(n, workers.exponential(1.0), max_delay=40 * n)
     key = jax.random.key(0)
-    run = lambda method: workers.simulate(model, key, num_updates, method=method).staleness
-    single = lambda: jax.block_until_ready(run("events"))
-    fast = lambda: jax.block_until_ready(run("sorted"))
+    out = {}
+    for label, method in (
+        ("jax", "events"),
+        ("jax_reference", "events_reference"),
+        ("jax_sorted", "sorted"),
+    ):
+        run = lambda method=method: jax.block_until_ready(
+            workers.simulate(model, key, num_updates, method=method).staleness
+        )
+        start = time.perf_counter()
+        run()
+        first = time.perf_counter() - start
+        seconds = best_of(run, repeats)
+        out[f"updates_per_s_{label}"] = num_updates / seconds
+        out[f"compile_s_{label}"] = max(first - seconds, 0.0)
     keys = jax.random.split(key, batch)
     batch_updates = max(num_updates // batch, 200)
     many = jax.jit(
         jax.vmap(lambda k: workers.simulate(model, k, batch_updates, method="events").staleness)
     )
     batched = lambda: jax.block_until_ready(many(keys))
-    single()
-    fast()
     batched()
-    return {
-        "updates_per_s_jax": num_updates / best_of(single, repeats),
-        "updates_per_s_jax_sorted": num_updates / best_of(fast, repeats),
-        "updates_per_s_jax_batched": batch * batch_updates / best_of(batched, repeats),
-    }
+    out["updates_per_s_jax_batched"] = batch * batch_updates / best_of(batched, repeats)
+    return out
 
 
 def heap_rate(n: int, num_updates: int, repeats: int) -> dict:
     """Updates/s of the heapq loop on the simulation's own cycle times, and agreement."""
     model = workers.parameter_server(n, workers.exponential(1.0), max_delay=40 * n)
     key = jax.random.key(0)
+    num_updates = min(num_updates, HEAP_UPDATES_LARGE) if n > 1000 else num_updates
     num_cycles = int(2.5 * num_updates / n) + 64
     table = np.asarray(workers.cycle_times(model, key, num_cycles), np.float64).tolist()
     reference, _, _ = heap_event_loop(table, num_updates)
@@ -117,7 +135,12 @@ def heap_rate(n: int, num_updates: int, repeats: int) -> dict:
         mismatch = np.flatnonzero(simulated != np.asarray(reference))
         out[f"identical_{method}"] = int(mismatch[0]) if mismatch.size else num_updates
     seconds = best_of(lambda: heap_event_loop(table, num_updates), repeats)
-    return {"updates_per_s_heapq": num_updates / seconds, **out}
+    return {"updates_per_s_heapq": num_updates / seconds, "heapq_updates": num_updates, **out}
+
+
+def _updates(n: int, updates: int) -> int:
+    """Updates per run: the event loops at n = 10,000 run a fifth (per-update rates compare)."""
+    return updates // 5 if n > 1000 else updates
 
 
 def main():
@@ -129,17 +152,17 @@ def main():
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     updates = 50_000 if args.quick else 200_000
-    sizes = (8, 64, 512)
+    sizes = (8, 64, 512, 10_000)
     if args.child:
-        rates = {n: jax_rates(n, updates, args.batch, args.repeats) for n in sizes}
+        rates = {n: jax_rates(n, _updates(n, updates), args.batch, args.repeats) for n in sizes}
         print(json.dumps(rates))
         return
 
     rows = []
     for n in sizes:
-        row = {"num_workers": n, "num_updates": updates, "batch": args.batch}
-        row.update(heap_rate(n, updates, args.repeats))
-        row.update(jax_rates(n, updates, args.batch, args.repeats))
+        row = {"num_workers": n, "num_updates": _updates(n, updates), "batch": args.batch}
+        row.update(heap_rate(n, _updates(n, updates), args.repeats))
+        row.update(jax_rates(n, _updates(n, updates), args.batch, args.repeats))
         rows.append(row)
     if not args.no_flag_run:
         # The same measurement with XLA's small-while-loop pass allowed to compile the whole
@@ -153,6 +176,7 @@ def main():
         for row in rows:
             extra = flagged[str(row["num_workers"])]
             row["updates_per_s_jax_flag"] = extra["updates_per_s_jax"]
+            row["updates_per_s_jax_reference_flag"] = extra["updates_per_s_jax_reference"]
             row["updates_per_s_jax_sorted_flag"] = extra["updates_per_s_jax_sorted"]
             row["updates_per_s_jax_batched_flag"] = extra["updates_per_s_jax_batched"]
     for row in rows:
@@ -163,9 +187,11 @@ def main():
 
     columns = [
         ("heapq", "updates_per_s_heapq"),
-        ("jax", "updates_per_s_jax"),
+        ("events", "updates_per_s_jax"),
+        ("events_reference", "updates_per_s_jax_reference"),
         ("sorted", "updates_per_s_jax_sorted"),
-        ("jax+flag", "updates_per_s_jax_flag"),
+        ("events+flag", "updates_per_s_jax_flag"),
+        ("reference+flag", "updates_per_s_jax_reference_flag"),
         ("batched", "updates_per_s_jax_batched"),
         ("batched+flag", "updates_per_s_jax_batched_flag"),
     ]
@@ -192,9 +218,17 @@ def main():
             + f" {row['identical_events']:>9d} {row['identical_sorted']:>9d}"
         )
     by_n = {r["num_workers"]: r for r in rows}
-    growth = {key: by_n[8][key] / by_n[512][key] for _, key in columns[1:] if key in by_n[8]}
+    growth = {key: by_n[8][key] / by_n[10_000][key] for _, key in columns if key in by_n[8]}
     print(
-        "cost per update, n = 512 vs n = 8: "
+        "compile seconds (events / reference / sorted): "
+        + "; ".join(
+            f"n={r['num_workers']}: {r['compile_s_jax']:.1f} / {r['compile_s_jax_reference']:.1f}"
+            f" / {r['compile_s_jax_sorted']:.1f}"
+            for r in rows
+        )
+    )
+    print(
+        "cost per update, n = 10,000 vs n = 8: "
         + ", ".join(f"{k[len('updates_per_s_') :]} {v:.1f}x" for k, v in growth.items())
     )
     result = {
@@ -207,10 +241,10 @@ def main():
             "jax": jax.__version__,
             "backend": jax.default_backend(),
         },
-        "target": "jax / heapq >= 20 at n = 64",
+        "target": "jax / heapq >= 20 at n = 64 and >= 10 at n = 10,000",
         "flag": SMALL_LOOP_FLAG,
         "rows": rows,
-        "cost_growth_512_vs_8": growth,
+        "cost_growth_10000_vs_8": growth,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "workers.json").write_text(json.dumps(result, indent=2))

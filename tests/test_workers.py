@@ -849,3 +849,74 @@ def test_worker_models_compare_and_hash_by_value():
         step(tx.init(params))
         first_tau(model, KEY)
     assert traces == [1, 2]
+
+
+# --------------------------------------------------------------------------------------------
+# The blocked event loop: bitwise the one-arrival-per-step loop.
+
+_BLOCKED_CASES = [
+    (64, dict(compute_time=workers.exponential(1.0), max_delay=2560)),
+    (16, dict(compute_time=workers.deterministic(1.0))),  # every arrival ties: plain steps
+    (12, dict(compute_time=workers.deterministic(1.0), speeds=[1 + 0.25 * i for i in range(12)])),
+    (40, dict(compute_time=workers.exponential(1.0), max_delay=8, num_slow=8)),  # clipping
+    (
+        20,
+        dict(compute_time=workers.pareto(1.0, 1.5), protocol="ringmaster", threshold=6, num_slow=4),
+    ),
+    (
+        24,
+        dict(
+            compute_time=workers.shifted_exponential(0.5, 1.0),
+            comm_time=0.25,
+            protocol="k_async",
+            k=4,
+            max_staleness=5,
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("n, kwargs", _BLOCKED_CASES, ids=lambda c: str(c)[:40])
+def test_blocked_event_loop_equals_the_reference_loop_bitwise(n, kwargs):
+    from asgd_jax.workers import _blocked
+
+    model = workers.parameter_server(n, **kwargs)
+    assert _blocked.applicable(model)
+    # The reference loop is the τ sequence stale applies (tested above); 2500 updates are
+    # hundreds of blocks, sentinel stops and (for ties) plain steps.
+    for seed in (0, 7):
+        key = jax.random.key(seed)
+        fast = _np(workers.simulate(model, key, 2500))
+        reference = _np(workers.simulate(model, key, 2500, method="events_reference"))
+        for name in fast._fields:
+            np.testing.assert_array_equal(getattr(fast, name), getattr(reference, name), name)
+
+
+def test_blocked_event_loop_with_traced_parameters_equals_the_reference():
+    def run(mean, slow, method):
+        model = workers.parameter_server(
+            24, workers.exponential(mean), num_slow=4, slow_factor=slow, max_delay=300
+        )
+        return workers.simulate(model, KEY, 1500, method=method)
+
+    means, slows = jnp.array([0.5, 2.0]), jnp.array([2.0, 6.0])
+    fast = _np(jax.jit(jax.vmap(lambda a, b: run(a, b, "events")))(means, slows))
+    reference = _np(jax.jit(jax.vmap(lambda a, b: run(a, b, "events_reference")))(means, slows))
+    for name in fast._fields:
+        np.testing.assert_array_equal(getattr(fast, name), getattr(reference, name), name)
+
+
+def test_protocols_outside_the_blocked_loop_keep_the_reference_loop():
+    from asgd_jax.workers import _blocked
+
+    law = workers.exponential(1.0)
+    assert not _blocked.applicable(
+        workers.parameter_server(16, law, protocol="ssp", max_staleness=2)
+    )
+    assert not _blocked.applicable(workers.parameter_server(16, law, protocol="k_sync"))
+    assert not _blocked.applicable(
+        workers.parameter_server(16, law, protocol="ringmaster", threshold=4, stops=True)
+    )
+    assert not _blocked.applicable(workers.parameter_server(8, law, max_delay=80))
+    with pytest.raises(ValueError, match="method"):
+        workers.simulate(workers.parameter_server(8, law, max_delay=80), KEY, 10, method="heap")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import chex
 import jax
@@ -62,7 +63,23 @@ def _sum(x: jax.Array) -> jax.Array:
     return _fold(x, jnp.add, jnp.sum)
 
 
-def build(
+class Server(NamedTuple):
+    """The jittable pieces of a parameter server (see :func:`build_server`)."""
+
+    init: Callable[[chex.PRNGKey], WorkerState]
+    step: Callable[[WorkerState], WorkerState]
+    next: Callable[[WorkerState], tuple[jax.Array, WorkerState]]
+    arrival_at: Callable[[WorkerState, jax.Array], WorkerState]
+    group_tau: Callable[[WorkerState], jax.Array]
+
+
+def build(**config) -> tuple[Callable, Callable, Callable]:
+    """The jittable ``init``, ``arrival`` and ``next`` of a parameter server."""
+    server = build_server(**config)
+    return server.init, server.step, server.next
+
+
+def build_server(
     *,
     n: int,
     law: ComputeTime,
@@ -74,8 +91,12 @@ def build(
     max_delay: int,
     group_staleness: str,
     stops: bool = False,
-) -> tuple[Callable, Callable, Callable]:
-    """The jittable ``init``, ``arrival`` and ``next`` of a parameter server.
+) -> Server:
+    """The jittable ``init``, arrival step and ``next`` of a parameter server, and parts.
+
+    ``arrival_at(state, ids)`` is one arrival among the workers ``ids`` only: the per-worker
+    arrays of ``state`` hold those workers' entries (``arrival`` is ``ids = 0..n−1``), which
+    is how the blocked event loop (``_blocked``) runs a block on a few candidates.
 
     ``threshold`` is the largest accepted staleness (``max_staleness``; R − 1 for
     Ringmaster's threshold R) or the SSP clock gap. ``stops``: Rennala stops every other
@@ -132,11 +153,15 @@ def build(
 
     def arrival(state: WorkerState) -> WorkerState:
         """One gradient arrival: the earliest finisher (lowest id on ties) pushes."""
+        return arrival_at(state, iota)
+
+    def arrival_at(state: WorkerState, ids: jax.Array) -> WorkerState:
+        """One arrival among the workers ``ids`` (whose entries the state's arrays hold)."""
         # Masks and reductions instead of argmin/gather/scatter: they fuse into a few loops
         # and vectorise under vmap (XLA's CPU argmin and scatter are several times slower).
         dt = _min(state.finish)
-        j = _min(jnp.where(state.finish == dt, iota, n))
-        is_j = iota == j
+        j = _min(jnp.where(state.finish == dt, ids, n))
+        is_j = ids == j
         finish = state.finish - dt
         staleness = state.version - _sum(jnp.where(is_j, state.pulled, 0))
         if rennala:  # only gradients computed at the current point count
@@ -165,7 +190,7 @@ def build(
             # Worker i may compute while its clock is at most S ahead of the slowest one.
             idle = is_j | jnp.isinf(finish)
             start = idle & (clock <= _min(clock) + threshold)
-            fresh_cycles = cycle_time(state.seed, iota, clock)
+            fresh_cycles = cycle_time(state.seed, ids, clock)
             finish = jnp.where(start, fresh_cycles, jnp.where(is_j, jnp.inf, finish))
             pulled = jnp.where(start, version, state.pulled)
         else:
@@ -181,7 +206,7 @@ def build(
                 stop = applied & ~is_j
             else:  # Ringmaster: a computation whose delay reaches R is stopped at once
                 stop = applied & ~is_j & (version - pulled > threshold)
-            fresh_cycles = cycle_time(state.seed, iota, clock + restarts + 1)
+            fresh_cycles = cycle_time(state.seed, ids, clock + restarts + 1)
             finish = jnp.where(stop, fresh_cycles, finish)
             pulled = jnp.where(stop, version, pulled)
             restarts = restarts + stop.astype(jnp.int32)
@@ -245,4 +270,4 @@ def build(
         tau = jnp.minimum(group_tau(state), max_delay).astype(jnp.int32)
         return tau, state
 
-    return init, step, next_
+    return Server(init, step, next_, arrival_at, group_tau)

@@ -13,7 +13,7 @@ import numpy as np
 
 from asgd_jax import delays
 from asgd_jax._validation import check_int
-from asgd_jax.workers import _sorted
+from asgd_jax.workers import _blocked, _sorted
 from asgd_jax.workers._events import cycle_time_fn
 from asgd_jax.workers._server import WorkerModel
 from asgd_jax.workers._state import WorkerState, WorkerTrace
@@ -133,7 +133,12 @@ def _jitted(fn: Callable) -> Callable:
     return call
 
 
+def _simulate_blocked_fn(model: WorkerModel, key: chex.PRNGKey, num: int) -> WorkerTrace:
+    return _per_record(_blocked.simulate_blocked(model, key, num))
+
+
 _simulate = _jitted(_simulate_fn)
+_simulate_blocked = _jitted(_simulate_blocked_fn)
 _simulate_events = _jitted(_simulate_events_fn)
 _cycle_times = _jitted(_cycle_times_fn)
 
@@ -143,7 +148,7 @@ def _simulate_sorted(model: WorkerModel, key: chex.PRNGKey, num: int, cycles: in
     return _sorted.simulate_sorted(model, key, num, functools.partial(_cycle_times, model), cycles)
 
 
-_METHODS = ("auto", "events", "sorted")
+_METHODS = ("auto", "events", "events_reference", "sorted")
 
 
 def simulate(
@@ -154,11 +159,16 @@ def simulate(
     A pure function of ``key`` (jit/vmap friendly): ``jax.vmap(lambda k: simulate(model,
     k, 1000))(keys)`` runs independent clusters.
 
-    ``method="events"`` runs the event loop (one ``lax.scan``, one arrival per step, O(n)
-    each): its ``trace.staleness`` is exactly the τ sequence :func:`asgd_jax.stale` sees
-    with this model and key, so the trace can also be replayed with
-    ``asgd_jax.delays.trace(trace)``. ``method="sorted"`` needs a protocol whose arrivals do
-    not feed back into timing (``"async"`` or ``"k_async"`` without ``max_staleness``, or
+    ``method="events"`` runs the event loop: its ``trace.staleness`` is exactly the τ
+    sequence :func:`asgd_jax.stale` sees with this model and key, so the trace can also be
+    replayed with ``asgd_jax.delays.trace(trace)``. For more than 8 workers and a protocol
+    whose arrivals leave the other workers' timing alone (``"async"``, ``"k_async"``,
+    ``"rennala"``, ``"ringmaster"``, without calculation stops) it runs in blocks of
+    arrivals among the 8 earliest workers and applies each block's float32 clock
+    subtractions to the others in one pass, bitwise the one-arrival-per-step loop (which
+    ``method="events_reference"`` runs: one ``lax.scan``, O(n) per arrival).
+    ``method="sorted"`` needs a protocol whose arrivals do not feed back into timing
+    (``"async"`` or ``"k_async"`` without ``max_staleness``, or
     ``"k_sync"``): every worker's finish times are prefix sums of its own cycle times, and
     one sort of all of them gives the arrival order (one vectorised pass, no per-event loop;
     its cost per update does not grow with n, but XLA's CPU sort keeps it near the event
@@ -173,7 +183,7 @@ def simulate(
       model: a :class:`WorkerModel` from :func:`parameter_server`.
       key: a PRNG key (typed or raw).
       num_updates: number of applied updates to simulate (≥ 1).
-      method: ``"auto"``, ``"events"`` or ``"sorted"``.
+      method: ``"auto"``, ``"events"``, ``"events_reference"`` or ``"sorted"``.
 
     Returns:
       A :class:`WorkerTrace` of arrays with leading axis ``num_updates``.
@@ -192,8 +202,10 @@ def simulate(
             f"`method='sorted'` needs 'async' or 'k_async' without `max_staleness`, or "
             f"'k_sync'; {model.name} feeds arrivals back into timing (use 'events' or 'auto')."
         )
-    if method == "events" or model.traced or not _sorted.applicable(model):
+    if method == "events_reference":
         return _simulate(model, key, num)
+    if method == "events" or model.traced or not _sorted.applicable(model):
+        return (_simulate_blocked if _blocked.applicable(model) else _simulate)(model, key, num)
     return _simulate_sorted(model, key, num, _sorted.num_cycles(model, num * model.k))
 
 
