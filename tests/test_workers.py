@@ -878,7 +878,7 @@ _BLOCKED_CASES = [
 
 @pytest.mark.parametrize("n, kwargs", _BLOCKED_CASES, ids=lambda c: str(c)[:40])
 def test_blocked_event_loop_equals_the_reference_loop_bitwise(n, kwargs):
-    from asgd_jax.workers import _blocked
+    from asgd_jax.workers import _blocked, _simulate
 
     model = workers.parameter_server(n, **kwargs)
     assert _blocked.applicable(model)
@@ -886,21 +886,25 @@ def test_blocked_event_loop_equals_the_reference_loop_bitwise(n, kwargs):
     # hundreds of blocks, sentinel stops and (for ties) plain steps.
     for seed in (0, 7):
         key = jax.random.key(seed)
-        fast = _np(workers.simulate(model, key, 2500))
+        fast = _np(_simulate._simulate_blocked(model, key, 2500))
         reference = _np(workers.simulate(model, key, 2500, method="events_reference"))
         for name in fast._fields:
             np.testing.assert_array_equal(getattr(fast, name), getattr(reference, name), name)
 
 
 def test_blocked_event_loop_with_traced_parameters_equals_the_reference():
+    from asgd_jax.workers import _simulate
+
     def run(mean, slow, method):
         model = workers.parameter_server(
             24, workers.exponential(mean), num_slow=4, slow_factor=slow, max_delay=300
         )
+        if method == "blocked":
+            return _simulate._simulate_blocked(model, KEY, 1500)
         return workers.simulate(model, KEY, 1500, method=method)
 
     means, slows = jnp.array([0.5, 2.0]), jnp.array([2.0, 6.0])
-    fast = _np(jax.jit(jax.vmap(lambda a, b: run(a, b, "events")))(means, slows))
+    fast = _np(jax.jit(jax.vmap(lambda a, b: run(a, b, "blocked")))(means, slows))
     reference = _np(jax.jit(jax.vmap(lambda a, b: run(a, b, "events_reference")))(means, slows))
     for name in fast._fields:
         np.testing.assert_array_equal(getattr(fast, name), getattr(reference, name), name)

@@ -37,8 +37,13 @@ CANDIDATES = 8
 _BLOCK = 2 * CANDIDATES
 
 
+#: ``simulate`` takes the blocked loop from this many workers on: below it the plain loop
+#: was as fast or faster (benchmarks/workers.py: 0.5x at n = 64, 2.4x at n = 512).
+MIN_WORKERS = 128
+
+
 def applicable(model: WorkerModel) -> bool:
-    """Whether arrivals leave the other workers' finish times alone (and n is large enough)."""
+    """Whether arrivals leave the other workers' finish times alone (and n > CANDIDATES)."""
     return (
         model.num_workers > CANDIDATES
         and model.protocol in ("async", "k_async", "rennala", "ringmaster")

@@ -161,7 +161,7 @@ def simulate(
 
     ``method="events"`` runs the event loop: its ``trace.staleness`` is exactly the τ
     sequence :func:`asgd_jax.stale` sees with this model and key, so the trace can also be
-    replayed with ``asgd_jax.delays.trace(trace)``. For more than 8 workers and a protocol
+    replayed with ``asgd_jax.delays.trace(trace)``. For 128 workers or more and a protocol
     whose arrivals leave the other workers' timing alone (``"async"``, ``"k_async"``,
     ``"rennala"``, ``"ringmaster"``, without calculation stops) it runs in blocks of
     arrivals among the 8 earliest workers and applies each block's float32 clock
@@ -205,7 +205,8 @@ def simulate(
     if method == "events_reference":
         return _simulate(model, key, num)
     if method == "events" or model.traced or not _sorted.applicable(model):
-        return (_simulate_blocked if _blocked.applicable(model) else _simulate)(model, key, num)
+        blocked = _blocked.applicable(model) and model.num_workers >= _blocked.MIN_WORKERS
+        return (_simulate_blocked if blocked else _simulate)(model, key, num)
     return _simulate_sorted(model, key, num, _sorted.num_cycles(model, num * model.k))
 
 
