@@ -4,7 +4,7 @@
 #   2. runs the transforms / parallel / train tests on them (on an accelerator with
 #      ASGD_JAX_TEST_DEVICES=native, so tests/conftest.py does not force 8 CPU devices),
 #      writing tests.txt and tests.xml (JUnit);
-#   3. runs the overhead, seeds, devices and hogwild (threads) benchmarks with --quick
+#   3. runs the overhead, seeds, sweep, devices and hogwild (threads) benchmarks with --quick
 #      through benchmarks/run_all.py, writing their JSON and summary.json;
 # all into one results folder, whose path it prints. It keeps going when a step fails and
 # exits non-zero if any did. Sized to finish in under 8 minutes on a GPU machine: each step
@@ -47,7 +47,7 @@ if ((tiny)); then
   bench_timeout=${BENCH_TIMEOUT:-90}
 else
   tests=(tests/test_transforms.py tests/test_parallel.py tests/test_train.py)
-  benchmarks=(--only overhead seeds devices hogwild)
+  benchmarks=(--only overhead seeds sweep devices hogwild --args "hogwild=--no-ray")
   test_timeout=${TEST_TIMEOUT:-240}
   bench_timeout=${BENCH_TIMEOUT:-120}
 fi
