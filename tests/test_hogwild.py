@@ -10,29 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _linear_problem import NUM_FEATURES, PARAMS0
+from _linear_problem import regression as _regression
+from _linear_problem import squared_loss as _squared_loss
 from jax.experimental import io_callback
 
 import asgd_jax as asgd
 from asgd_jax import delays, hogwild
 
-NUM_FEATURES = 6
 BATCH = 8
 
 
-def _regression(num_examples=256, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(num_examples, NUM_FEATURES)).astype(np.float32)
-    w = rng.normal(size=NUM_FEATURES).astype(np.float32)
-    y = (x @ w + 0.5 + 0.1 * rng.normal(size=num_examples)).astype(np.float32)
-    return x, y
-
-
-def _squared_loss(params, batch):
-    x, y = batch
-    return jnp.mean((x @ params["w"] + params["b"] - y) ** 2)
-
-
-PARAMS0 = {"w": jnp.zeros(NUM_FEATURES, jnp.float32), "b": jnp.zeros((), jnp.float32)}
 LR = 0.05
 # Shared optimizer objects: runs with the same model and optimizer reuse compiled programs.
 SGD = optax.sgd(LR)

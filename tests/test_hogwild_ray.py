@@ -13,13 +13,17 @@ import time
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import psutil
 import pytest
 
 ray = pytest.importorskip("ray")
+
+import _linear_problem  # noqa: E402
+from _linear_problem import PARAMS0  # noqa: E402
+from _linear_problem import regression as _regression  # noqa: E402
+from _linear_problem import squared_loss as _squared_loss  # noqa: E402
 
 import asgd_jax as asgd  # noqa: E402
 from asgd_jax import delays, hogwild  # noqa: E402
@@ -28,25 +32,11 @@ from asgd_jax.hogwild import _ray  # noqa: E402
 # The worker processes unpickle the loss and the data functions by value (this module is
 # not importable there).
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+ray.cloudpickle.register_pickle_by_value(_linear_problem)
 
-NUM_FEATURES = 6
 BATCH = 8
 SGD = optax.sgd(0.05)
-PARAMS0 = {"w": jnp.zeros(NUM_FEATURES, jnp.float32), "b": jnp.zeros((), jnp.float32)}
 _batch_of = jax.jit(hogwild.worker_batch, static_argnums=1)
-
-
-def _regression(num_examples=256, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(num_examples, NUM_FEATURES)).astype(np.float32)
-    w = rng.normal(size=NUM_FEATURES).astype(np.float32)
-    y = (x @ w + 0.5 + 0.1 * rng.normal(size=num_examples)).astype(np.float32)
-    return x, y
-
-
-def _squared_loss(params, batch):
-    x, y = batch
-    return jnp.mean((x @ params["w"] + params["b"] - y) ** 2)
 
 
 def _dying_data(marker, die_at):

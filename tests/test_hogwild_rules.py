@@ -9,32 +9,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _linear_problem import NUM_FEATURES, PARAMS0
+from _linear_problem import regression as _regression
+from _linear_problem import squared_loss as _squared_loss
 
 import asgd_jax as asgd
 from asgd_jax import delays, hogwild
 
-NUM_FEATURES = 6
 BATCH = 8
 LR = 0.05
 SGD = optax.sgd(LR)
-PARAMS0 = {"w": jnp.zeros(NUM_FEATURES, jnp.float32), "b": jnp.zeros((), jnp.float32)}
 # Worker 0 is slow: while it computes, the others apply several updates, so its gradients
 # reach any small threshold and the rules have work to discard.
 SLOW_0 = hogwild.Straggler(extra_time=(0.03, 0.002, 0.002, 0.002))
 _batch_of = jax.jit(hogwild.worker_batch, static_argnums=1)
-
-
-def _regression(num_examples=256, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(num_examples, NUM_FEATURES)).astype(np.float32)
-    w = rng.normal(size=NUM_FEATURES).astype(np.float32)
-    y = (x @ w + 0.5 + 0.1 * rng.normal(size=num_examples)).astype(np.float32)
-    return x, y
-
-
-def _squared_loss(params, batch):
-    x, y = batch
-    return jnp.mean((x @ params["w"] + params["b"] - y) ** 2)
 
 
 def _hogwild_threads():
