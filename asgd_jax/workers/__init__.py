@@ -77,13 +77,14 @@ from asgd_jax.workers._laws import (
     Pareto,
     ShiftedExponential,
     deterministic,
-    expected_order_statistic,
     exponential,
     lognormal,
     pareto,
     shifted_exponential,
 )
-from asgd_jax.workers._server import WorkerModel, parameter_server
+from asgd_jax.workers._model import WorkerModel
+from asgd_jax.workers._order_stats import expected_order_statistic
+from asgd_jax.workers._server import parameter_server
 from asgd_jax.workers._simulate import cycle_times, simulate, simulate_events
 from asgd_jax.workers._state import WorkerState, WorkerTrace
 

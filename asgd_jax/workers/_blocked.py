@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from asgd_jax.workers._events import Server, build_server
-from asgd_jax.workers._server import WorkerModel
+from asgd_jax.workers._model import WorkerModel
 from asgd_jax.workers._state import WorkerState, WorkerTrace
 
 #: Workers per block (the sentinel included): a block loop this small runs as one kernel.

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from asgd_jax import delays
-from asgd_jax.workers._laws import ComputeTime, _open_uniform
+from asgd_jax.workers._laws import ComputeTime
+from asgd_jax.workers._params import _open_uniform
 from asgd_jax.workers._state import WorkerState
 
 

@@ -1,4 +1,4 @@
-"""Compute-time laws of the simulated workers, and order statistics of their times."""
+"""Compute-time laws of the simulated workers."""
 
 from __future__ import annotations
 
@@ -16,54 +16,13 @@ import scipy.integrate
 import scipy.special
 import scipy.stats
 
-from asgd_jax import delays
-from asgd_jax._validation import check_int, check_real
-
-
-def _open_uniform(seed: jax.Array, counter: jax.Array, stream: int) -> jax.Array:
-    """A float32 uniform strictly inside (0, 1) whose complement 1 − u is also exact.
-
-    ``(2m + 1)·2⁻²⁴`` with m a 23-bit hash: both u and 1 − u are representable, so no
-    quantile function is ever evaluated at 0 or 1 (the largest draw is the 1 − 2⁻²⁴ quantile).
-    """
-    u = delays.uniform01(seed, counter, stream)
-    return jnp.floor(u * jnp.float32(2.0**23)) * jnp.float32(2.0**-23) + jnp.float32(2.0**-24)
-
-
-def is_traced(value: Any) -> bool:
-    """Whether ``value`` is a JAX tracer (a parameter given inside ``jit`` / ``vmap``)."""
-    return isinstance(value, jax.core.Tracer)
-
-
-def real_param(name: str, value: Any, **bounds: Any) -> Any:
-    """A law or server parameter: checked like ``check_real`` when concrete, kept if traced.
-
-    A tracer (e.g. a learning-rate-style sweep value under ``jax.vmap``) cannot be checked
-    before tracing, so only its shape and dtype are: it must be a real scalar. A concrete
-    0-d JAX or NumPy array is read as the Python number it holds and checked.
-    """
-    if is_traced(value):
-        if jnp.ndim(value) != 0 or not jnp.issubdtype(jnp.result_type(value), jnp.number):
-            raise TypeError(f"`{name}` must be a real scalar, got a traced {value.aval}.")
-        if jnp.issubdtype(jnp.result_type(value), jnp.complexfloating):
-            raise TypeError(f"`{name}` must be real, got a traced {value.aval}.")
-        return value
-    if isinstance(value, (jax.Array, np.ndarray)) and np.ndim(value) == 0:
-        value = value.item()
-    return check_real(name, value, **bounds)
-
-
-def _format(value: Any) -> str:
-    return "traced" if is_traced(value) else f"{value:g}"
-
-
-def _requires_concrete(law: ComputeTime, what: str) -> None:
-    if law.traced:
-        raise TypeError(
-            f"{what} of {law.name} needs concrete parameters, but they are JAX tracers (the "
-            "law was built inside jit/vmap). Build it from Python numbers for NumPy-side "
-            "quantities; sampling (`sample`, `draw`) works with traced parameters."
-        )
+from asgd_jax._validation import check_real
+from asgd_jax.workers._params import (
+    _format,
+    _requires_concrete,
+    is_traced,
+    real_param,
+)
 
 
 class ComputeTime:
@@ -438,54 +397,3 @@ def _as_law(name: str, value: Any, *, allow_zero: bool = False) -> ComputeTime |
         f"`{name}` must be a compute-time law (e.g. asgd_jax.workers.exponential(1.0)) or a "
         f"positive number, got {value!r}."
     )
-
-
-def expected_order_statistic(
-    law: ComputeTime,
-    k: int,
-    n: int,
-    *,
-    multipliers: Sequence[float] | None = None,
-    shift: float = 0.0,
-) -> float:
-    """E[T_(k:n)], the k-th smallest of n independent times T_i = m_i·X_i + ``shift``.
-
-    X_i ~ ``law`` i.i.d.; ``multipliers`` m_i (default all 1) model heterogeneous speeds.
-    This is the expected round time of K-sync SGD (k = K) and of fully synchronous SGD
-    (k = n). Equal multipliers use E[X_(k:n)] = ∫₀¹ ppf(u)·Beta(u; k, n−k+1) du; otherwise
-    ∫₀^∞ P(T_(k) > t) dt with P(T_(k) > t) = P(fewer than k of the T_i are ≤ t), a
-    convolution of binomials over the groups of equal m_i.
-
-    Returns:
-      The expectation (``math.inf`` when it diverges, e.g. Pareto with (n−k+1)·alpha ≤ 1).
-    """
-    _requires_concrete(law, "expected_order_statistic")
-    n = check_int("n", n, low=1)
-    k = check_int("k", k, low=1, high=n)
-    m = np.ones(n) if multipliers is None else np.asarray(multipliers, np.float64)
-    if m.shape != (n,) or not np.all(np.isfinite(m)) or np.any(m <= 0):
-        raise ValueError(f"`multipliers` must be {n} finite positive numbers.")
-    if (n - k + 1) * law.tail_index <= 1:
-        return math.inf
-    if isinstance(law, Deterministic):
-        return float(np.sort(m * law.time)[k - 1]) + shift
-    groups, counts = np.unique(m, return_counts=True)
-    if groups.size == 1:
-        beta = scipy.stats.beta(k, n - k + 1)
-        f = lambda u: float(law.ppf(u)) * beta.pdf(u)
-        inner = scipy.integrate.quad(f, 0.0, 1.0, limit=400, points=[beta.mean()])[0]
-        return float(groups[0]) * inner + shift
-
-    def survival(t: float) -> float:
-        dist = np.zeros(k)
-        dist[0] = 1.0
-        for g, c in zip(groups, counts, strict=True):
-            p = float(law.cdf(t / g))
-            pmf = scipy.stats.binom.pmf(np.arange(min(int(c), k - 1) + 1), int(c), p)
-            dist = np.convolve(dist, pmf)[:k]
-        return float(dist.sum())
-
-    knots = sorted({float(g * law.ppf(q)) for g in groups for q in (0.01, 0.5, 0.99)})
-    head = scipy.integrate.quad(survival, 0.0, knots[-1], limit=400, points=knots[:-1])[0]
-    tail = scipy.integrate.quad(survival, knots[-1], math.inf, limit=400)[0]
-    return head + tail + shift

@@ -15,7 +15,7 @@ from asgd_jax import delays
 from asgd_jax._validation import check_int
 from asgd_jax.workers import _blocked, _sorted
 from asgd_jax.workers._events import cycle_time_fn
-from asgd_jax.workers._server import WorkerModel
+from asgd_jax.workers._model import WorkerModel
 from asgd_jax.workers._state import WorkerState, WorkerTrace
 
 

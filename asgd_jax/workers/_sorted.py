@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from asgd_jax.workers._laws import ComputeTime
-from asgd_jax.workers._server import WorkerModel
+from asgd_jax.workers._model import WorkerModel
 from asgd_jax.workers._state import WorkerTrace
 
 
