@@ -19,3 +19,15 @@ os.environ.setdefault("NO_GCE_CHECK", "true")
 import jax  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A TFDS directory with the bundled digits prepared (modules may define their own)."""
+    from asgd_jax import data
+
+    directory = str(tmp_path_factory.mktemp("tfds"))
+    data.prepare_bundled("digits", directory)
+    return directory

@@ -7,8 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-
-from asgd_jax import cli, data
+from _cli_helpers import run_main as _main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # The small demo's asynchronous run (tests/test_train.py's TINY): in one session the compiled
@@ -21,23 +20,6 @@ TINY_FLAGS = [
     "--num-slow", "1",
     "--eval-every", "6",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    directory = str(tmp_path_factory.mktemp("tfds"))
-    data.prepare_bundled("digits", directory)
-    return directory
-
-
-def _main(capsys, *argv):
-    """Runs the command in this process; returns (exit status, stdout, stderr)."""
-    try:
-        status = cli.main(list(argv))
-    except SystemExit as exit_:
-        status = exit_.code
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
 
 
 def _one_line_error(err: str, *needles: str) -> None:

@@ -5,29 +5,13 @@ import json
 import jax
 import numpy as np
 import pytest
+from _cli_helpers import run_main as _main
 
-from asgd_jax import cli, data, delays, hogwild, workers
+from asgd_jax import delays, hogwild, workers
 from asgd_jax.cli import _hogwild
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FILES = ("metrics.json", "staleness.png", "trace.json")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    directory = str(tmp_path_factory.mktemp("tfds"))
-    data.prepare_bundled("digits", directory)
-    return directory
-
-
-def _main(capsys, *argv):
-    """Runs the command in this process; returns (exit status, stdout, stderr)."""
-    try:
-        status = cli.main(list(argv))
-    except SystemExit as exit_:
-        status = exit_.code
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
 
 
 def _hogwild_run(capsys, data_dir, out, *flags):
