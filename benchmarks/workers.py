@@ -4,9 +4,9 @@ For n = 8, 64, 512, 10,000 workers (asynchronous protocol, exponential compute t
 measures, in one run:
   (a) updates/s of ``asgd_jax.workers.simulate`` with ``method="events"`` (the blocked
       event loop, one cluster), ``method="events_reference"`` (one arrival per scan step,
-      O(n) each; bitwise the same records) and ``method="sorted"`` (no event loop:
-      per-worker prefix sums of cycle times and one sort of all arrivals, what ``"auto"``
-      picks here);
+      O(n) each) and ``method="sorted"`` (no event loop: per-worker running sums of cycle
+      times and one sort of all arrivals, what the default ``"auto"`` picks here); all
+      three give bitwise the same records;
   (b) updates/s of the event loop vmapped over a batch of independent clusters (seeds);
   (c) updates/s of a ``heapq`` event loop in plain Python with the same semantics, fed the
       same cycle times (``asgd_jax.workers.cycle_times``) and checked to produce the same
@@ -15,8 +15,8 @@ then (a) and (b) again in a fresh process with XLA's small-while-loop pass allow
 whole event loops into one kernel (a process-wide XLA flag), and the ratios to (c) (target
 ≥ 20× at n = 64, ≥ 10× at n = 10,000). At n = 10,000 every loop runs a fifth of the updates
 (per-update rates compare); compile time is reported apart. The reference loop costs O(n)
-per update, the blocked loop O(1) per arrival on 8 candidates plus one fused float32
-subtraction per worker and arrival, the sorted path O(log N) per update, the heap O(log n).
+per update, the blocked loop O(1) per arrival on 8 candidates plus a top-k over n per block,
+the sorted path O(log N) per update (one int32 sort and a binary search), the heap O(log n).
 
 Usage: python benchmarks/workers.py [--quick] [--batch B] [--repeats R] [--no-flag-run]
 """
@@ -126,9 +126,9 @@ def heap_rate(n: int, num_updates: int, repeats: int) -> dict:
     num_cycles = int(2.5 * num_updates / n) + 64
     table = np.asarray(workers.cycle_times(model, key, num_cycles), np.float64).tolist()
     reference, _, _ = heap_event_loop(table, num_updates)
-    # Float32 relative clocks (event loop) and float64 absolute clocks (Python) may order a
-    # near-tie differently, after which the sequences diverge: report how many leading
-    # updates agree. The sorted path sums in double-float (~48 bits), like float64.
+    # The simulation's double-float clocks (~48 bits) and Python's float64 sums order the
+    # arrivals alike unless two are within ~2⁻⁴⁸ relative: report how many leading
+    # updates agree (all of them, in every run so far).
     out = {}
     for method in ("events", "sorted"):
         simulated = np.asarray(workers.simulate(model, key, num_updates, method=method).staleness)

@@ -40,19 +40,27 @@ Protocols (``parameter_server(..., protocol=...)``):
 Ties between arrivals at the same simulated time are broken by the lowest worker id, so n
 equal deterministic workers give exactly 0, 1, …, n − 1, n − 1, n − 1, … .
 
-Cost: each arrival is one masked minimum over the n next-finish times, so an update costs
-O(n) (O(n log n) per round for ``k_sync``); finish times are stored relative to the current
-time, so the float32 ordering of events does not degrade as the simulated clock grows. On
-CPU, XLA runs a loop body as a sequence of small kernels; letting it compile the whole event
-loop into one kernel, by setting before JAX is imported ::
+Clock: absolute. Worker i's c-th gradient arrives at the double-float running sum
+(float32 hi + lo, ~48 bits) of its first c + 1 cycle times; the next arrival is the least
+(time, worker id). An arrival touches only the arriving worker's time, so the order does not
+degrade as the simulated clock grows, and the one-arrival loop, the blocked loop and the
+sorted path of :func:`simulate` give bitwise the same records.
+
+Cost: an arrival in the event loop (what :func:`asgd_jax.stale` runs, one per step) is a few
+masked minima over the n next-finish times, O(n); :func:`simulate` runs whole traces in
+blocks of arrivals among the earliest workers, or, where arrivals do not feed back into
+timing, by one sort of all arrival times (cost per update nearly flat in n; see
+``benchmarks/workers.py``). On CPU, XLA runs a loop body as a sequence of small kernels;
+letting it compile the whole event loop into one kernel, by setting before JAX is imported ::
 
   XLA_FLAGS=--xla_backend_extra_options=xla_cpu_small_while_loop_byte_threshold=1000000000
 
-makes :func:`simulate` several times faster for n ≥ 64 (see ``benchmarks/workers.py``).
+makes the event loop several times faster for n ≥ 64.
 
-Layout: ``_laws`` (compute-time laws, order statistics), ``_state`` (state and trace
-types), ``_events`` (the jittable arrival / round), ``_server`` (:func:`parameter_server`),
-``_simulate`` (whole runs).
+Layout: ``_laws`` (compute-time laws), ``_state`` (state and trace types), ``_clock``
+(double-float times), ``_events`` (the jittable arrival / round), ``_server``
+(:func:`parameter_server`), ``_simulate`` (whole runs), ``_blocked`` and ``_sorted`` (its
+fast paths).
 
 References:
   Dutta, Joshi, Ghosh, Dube, Nagpurkar, "Slow and Stale Gradients Can Win the Race:

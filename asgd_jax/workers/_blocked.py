@@ -1,18 +1,14 @@
 """The event loop in blocks of arrivals among a few candidate workers, exactly as one at a time.
 
-The event loop keeps each worker's finish time relative to the current time and subtracts
-every inter-arrival gap from all n of them in float32, so which worker arrives next depends
-on those roundings: a faster path must reproduce them, not an exact clock. A block does:
+Finish times are absolute (``_clock``): an arrival changes only the arriving worker's
+time, so a block does:
 
-1. take the ``CANDIDATES`` workers with the smallest relative finish times (the last one is
-   the *sentinel*: every other worker's time is at least its time);
+1. take the ``CANDIDATES`` workers with the smallest finish times (high words; the last one
+   is the *sentinel*: every other worker's high word is at least its own);
 2. run the unchanged arrival rule on the candidates alone (a loop small enough for XLA:CPU
-   to compile into one kernel) while the earliest candidate is strictly earlier than the
-   sentinel. Rounding is monotone (a ≤ b ⇒ fl(a − d) ≤ fl(b − d)), so every non-candidate
-   stays at or after the sentinel and none of them can be the next arrival;
-3. subtract the block's gaps from every non-candidate in order (one fused pass: the same
-   float32 subtractions the event loop makes, a gap of 0 past the block's end), and write
-   the candidates back.
+   to compile into one kernel) while the earliest candidate's high word is strictly below
+   the sentinel's: then no other worker can be the next arrival;
+3. write the candidates back (the other workers' times are untouched).
 
 A block that cannot start (the sentinel ties the earliest time) runs one plain arrival on
 all n workers. Protocols whose arrivals change other workers' timing (``ssp`` blocking,
@@ -76,6 +72,7 @@ def _server(model: WorkerModel) -> Server:
 def _take(state: WorkerState, ids: jax.Array) -> WorkerState:
     return state._replace(
         finish=state.finish[ids],
+        finish_lo=state.finish_lo[ids],
         pulled=state.pulled[ids],
         clock=state.clock[ids],
         restarts=state.restarts[ids],
@@ -99,33 +96,29 @@ def simulate_blocked(model: WorkerModel, key: chex.PRNGKey, num: int) -> WorkerT
     m, size, words = CANDIDATES, _BLOCK, 5
 
     def cond(carry):
-        b, start, _, sub, _, _ = carry
+        b, _, _, sub, _ = carry
         early = jnp.min(sub.finish) < sub.finish[m - 1]  # strictly before the sentinel
         return (b < size) & early & (sub.version < num)
 
     def inner(carry):
-        b, start, ids, sub, gaps, records = carry
-        gaps = gaps.at[b].set(jnp.min(sub.finish))  # the dt this arrival subtracts
+        b, start, ids, sub, records = carry
         sub = server.arrival_at(sub, ids)
         # Row u + 1 for the block's u-th update; row 0 takes the arrivals that are not one.
         row = jnp.where(sub.applied, sub.version - start, 0)
         record = _record(server, max_delay, sub)[None]
         records = jax.lax.dynamic_update_slice(records, record, (row, 0))
-        return b + 1, start, ids, sub, gaps, records
+        return b + 1, start, ids, sub, records
 
     def block(carry):
         state, out = carry
         _, ids = jax.lax.top_k(-state.finish, m)
         ids = ids.astype(jnp.int32)
-        gaps = jnp.zeros((size,), jnp.float32)
         records = jnp.zeros((size + 1, words), jnp.int32)
-        first = (jnp.int32(0), state.version, ids, _take(state, ids), gaps, records)
-        b, _, _, sub, gaps, records = jax.lax.while_loop(cond, inner, first)
-        finish = state.finish
-        for i in range(size):  # the event loop's subtractions, in order (0 past the block)
-            finish = finish - gaps[i]
+        first = (jnp.int32(0), state.version, ids, _take(state, ids), records)
+        b, _, _, sub, records = jax.lax.while_loop(cond, inner, first)
         new = sub._replace(
-            finish=finish.at[ids].set(sub.finish),
+            finish=state.finish.at[ids].set(sub.finish),
+            finish_lo=state.finish_lo.at[ids].set(sub.finish_lo),
             pulled=state.pulled.at[ids].set(sub.pulled),
             clock=state.clock.at[ids].set(sub.clock),
             restarts=state.restarts.at[ids].set(sub.restarts),

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from asgd_jax import delays
+from asgd_jax.workers import _clock
 from asgd_jax.workers._laws import ComputeTime
 from asgd_jax.workers._params import _open_uniform
 from asgd_jax.workers._state import WorkerState
@@ -116,18 +117,21 @@ def build_server(
     def init(key: chex.PRNGKey) -> WorkerState:
         seed = delays.key_words(key)
         zeros = jnp.zeros((n,), jnp.int32)
+        start = jnp.zeros((n,), jnp.float32)
         if protocol == "k_sync":
-            finish = jnp.zeros((n,), jnp.float32)
+            finish, finish_lo = start, start
         else:
-            finish = cycle_time(seed, iota, zeros)
+            finish, finish_lo = _clock.advance((start, start), cycle_time(seed, iota, zeros))
         i32 = lambda v: jnp.asarray(v, jnp.int32)
         return WorkerState(
             seed=seed,
             finish=finish,
+            finish_lo=finish_lo,
             pulled=zeros,
             clock=zeros,
             version=i32(0),
             time=jnp.zeros((), jnp.float32),
+            time_lo=jnp.zeros((), jnp.float32),
             worker=i32(-1),
             staleness=i32(0),
             accepted=jnp.asarray(False),
@@ -160,10 +164,14 @@ def build_server(
         """One arrival among the workers ``ids`` (whose entries the state's arrays hold)."""
         # Masks and reductions instead of argmin/gather/scatter: they fuse into a few loops
         # and vectorise under vmap (XLA's CPU argmin and scatter are several times slower).
-        dt = _min(state.finish)
-        j = _min(jnp.where(state.finish == dt, ids, n))
+        # The earliest (hi, lo) finish time; ties to the lowest worker id.
+        hi, lo = state.finish, state.finish_lo
+        now_hi = _min(hi)
+        earliest = hi == now_hi
+        now_lo = _min(jnp.where(earliest, lo, jnp.inf))
+        j = _min(jnp.where(earliest & (lo == now_lo), ids, n))
         is_j = ids == j
-        finish = state.finish - dt
+        now = (now_hi, now_lo)
         staleness = state.version - _sum(jnp.where(is_j, state.pulled, 0))
         if rennala:  # only gradients computed at the current point count
             accepted = staleness == 0
@@ -189,17 +197,20 @@ def build_server(
         version = state.version + applied.astype(jnp.int32)
         if ssp:
             # Worker i may compute while its clock is at most S ahead of the slowest one.
-            idle = is_j | jnp.isinf(finish)
+            idle = is_j | jnp.isinf(hi)
             start = idle & (clock <= _min(clock) + threshold)
-            fresh_cycles = cycle_time(state.seed, ids, clock)
-            finish = jnp.where(start, fresh_cycles, jnp.where(is_j, jnp.inf, finish))
+            fresh_hi, fresh_lo = _clock.advance(now, cycle_time(state.seed, ids, clock))
+            finish = jnp.where(start, fresh_hi, jnp.where(is_j, jnp.inf, hi))
+            finish_lo = jnp.where(start, fresh_lo, jnp.where(is_j, 0.0, lo))
             pulled = jnp.where(start, version, state.pulled)
         else:
             # A worker's c-th draw: its pushes plus its stopped computations (no stops: c
             # is its clock, the same under every protocol).
             draws = clock + state.restarts if stops else clock
             index = _sum(jnp.where(is_j, draws, 0))
-            finish = jnp.where(is_j, cycle_time(state.seed, j, index), finish)
+            next_hi, next_lo = _clock.advance(now, cycle_time(state.seed, j, index))
+            finish = jnp.where(is_j, next_hi, hi)
+            finish_lo = jnp.where(is_j, next_lo, lo)
             pulled = jnp.where(is_j, version, state.pulled)
         restarts, stopped = state.restarts, state.stopped
         if stops:
@@ -207,17 +218,22 @@ def build_server(
                 stop = applied & ~is_j
             else:  # Ringmaster: a computation whose delay reaches R is stopped at once
                 stop = applied & ~is_j & (version - pulled > threshold)
-            fresh_cycles = cycle_time(state.seed, ids, clock + restarts + 1)
-            finish = jnp.where(stop, fresh_cycles, finish)
+            fresh_hi, fresh_lo = _clock.advance(
+                now, cycle_time(state.seed, ids, clock + restarts + 1)
+            )
+            finish = jnp.where(stop, fresh_hi, finish)
+            finish_lo = jnp.where(stop, fresh_lo, finish_lo)
             pulled = jnp.where(stop, version, pulled)
             restarts = restarts + stop.astype(jnp.int32)
             stopped = stopped + _sum(stop.astype(jnp.int32))
         new = state._replace(
             finish=finish,
+            finish_lo=finish_lo,
             pulled=pulled,
             clock=clock,
             version=version,
-            time=state.time + dt,
+            time=now_hi,
+            time_lo=now_lo,
             worker=j,
             staleness=staleness,
             accepted=accepted,
@@ -241,12 +257,14 @@ def build_server(
         pushed = jnp.zeros((n,), jnp.int32).at[order[:k]].set(1)
         version = state.version + 1
         zero = jnp.zeros((), jnp.int32)
+        time, time_lo = _clock.advance((state.time, state.time_lo), cycles[last])
         return state._replace(
             finish=cycles,
             pulled=jnp.full((n,), version, jnp.int32),
             clock=state.clock + pushed,
             version=version,
-            time=state.time + cycles[last],
+            time=time,
+            time_lo=time_lo,
             worker=last.astype(jnp.int32),
             staleness=zero,
             accepted=jnp.asarray(True),

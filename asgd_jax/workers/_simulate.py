@@ -152,32 +152,29 @@ _METHODS = ("auto", "events", "events_reference", "sorted")
 
 
 def simulate(
-    model: WorkerModel, key: chex.PRNGKey, num_updates: int, *, method: str = "events"
+    model: WorkerModel, key: chex.PRNGKey, num_updates: int, *, method: str = "auto"
 ) -> WorkerTrace:
     """The first ``num_updates`` updates of a simulated parameter server.
 
     A pure function of ``key`` (jit/vmap friendly): ``jax.vmap(lambda k: simulate(model,
     k, 1000))(keys)`` runs independent clusters.
 
-    ``method="events"`` runs the event loop: its ``trace.staleness`` is exactly the τ
-    sequence :func:`asgd_jax.stale` sees with this model and key, so the trace can also be
-    replayed with ``asgd_jax.delays.trace(trace)``. For 128 workers or more and a protocol
-    whose arrivals leave the other workers' timing alone (``"async"``, ``"k_async"``,
-    ``"rennala"``, ``"ringmaster"``, without calculation stops) it runs in blocks of
-    arrivals among the 8 earliest workers and applies each block's float32 clock
-    subtractions to the others in one pass, bitwise the one-arrival-per-step loop (which
-    ``method="events_reference"`` runs: one ``lax.scan``, O(n) per arrival).
-    ``method="sorted"`` needs a protocol whose arrivals do not feed back into timing
-    (``"async"`` or ``"k_async"`` without ``max_staleness``, or
-    ``"k_sync"``): every worker's finish times are prefix sums of its own cycle times, and
-    one sort of all of them gives the arrival order (one vectorised pass, no per-event loop;
-    its cost per update does not grow with n, but XLA's CPU sort keeps it near the event
-    loop's speed at n ≤ 64). Its times are double-float sums (the float64 order of the
-    float32 cycle times), where the event loop subtracts float32 relative clocks, so the two
-    agree exactly on staleness and workers except after a near-tie (two arrivals within
-    ~1e-7 relative), and on times to float32 rounding (~√events · 2⁻²⁴ relative).
-    ``"auto"`` picks ``"sorted"`` where it applies, else ``"events"``. The default is
-    ``"events"``, so that a trace always agrees with what :func:`asgd_jax.stale` applies.
+    Every method gives bitwise the same records, and ``trace.staleness`` is exactly the τ
+    sequence :func:`asgd_jax.stale` sees with this model and key (so the trace can also be
+    replayed with ``asgd_jax.delays.trace(trace)``): the clock is absolute, each worker's
+    finish times the double-float running sums of its own cycle times (see
+    ``asgd_jax.workers._clock``), compared as (time, worker id). The methods differ in cost:
+
+    * ``"events_reference"``: one arrival per ``lax.scan`` step, O(n) per arrival.
+    * ``"events"``: the event loop; for 128 workers or more and a protocol whose arrivals
+      leave the other workers' timing alone (``"async"``, ``"k_async"``, ``"rennala"``,
+      ``"ringmaster"``, without calculation stops) it runs blocks of arrivals among the 8
+      earliest workers.
+    * ``"sorted"``: for protocols whose arrivals do not feed back into timing (``"async"``
+      or ``"k_async"`` without ``max_staleness``, or ``"k_sync"``): all finish times at once
+      (a scan over cycles, vectorised over workers), one sort of them for the arrival order,
+      no per-event loop; its cost per update barely grows with n.
+    * ``"auto"`` (the default): ``"sorted"`` where it applies, else ``"events"``.
 
     Args:
       model: a :class:`WorkerModel` from :func:`parameter_server`.

@@ -1,18 +1,19 @@
 """Whole runs without an event loop, for protocols whose arrivals do not feed back into timing.
 
 Without a staleness threshold, workers of the ``"async"`` and ``"k_async"`` protocols never
-wait: worker i's c-th gradient arrives at F_{i,c} = Σ_{c' ≤ c} (its cycle times), which
-depends only on ``(key, i, c)``. The global arrival order is then a sort of all
-(F_{i,c}, i) pairs (ties to the lowest worker id), and the staleness of an arrival follows
-from its global index g and the global index of the same worker's previous arrival. A
-``"k_sync"`` round r is row r of the cycle-time table. Both are one vectorised pass (a scan
-of log depth, one sort, one scatter) instead of one loop iteration per event.
+wait: worker i's c-th gradient arrives at F_{i,c}, the running double-float sum of its
+cycle times (``_clock.running_sums``: the same additions the event loop makes), which
+depends only on ``(key, i, c)``. The global arrival order is the order of all (F_{i,c}, i)
+(ties to the lowest worker id), and the staleness of an arrival follows from its global
+index g and the global index of the same worker's previous arrival. A ``"k_sync"`` round r
+is row r of the cycle-time table. Both are bitwise the event loop's records.
 
-Finish times are double-float sums (an unevaluated float32 pair hi + lo, about 48 bits):
-the order they give is the exact order of the float32 cycle times summed in float64, up to
-pairs closer than ~2⁻⁴⁸ relative. Every worker's column is summed by the same sequence of
-operations, so equal workers tie exactly. The event loop orders float32 *relative* clocks
-instead, so the two paths agree except at near-ties (arrivals within ~1e-7 relative).
+Ranking all arrivals: one single-operand sort of the high words as int32 (non-negative
+float32 order as integers; XLA:CPU sorts one int32 array several times faster than a
+multi-operand or float sort), a binary search of every element in it, and, for the rare
+elements whose high word is shared (hi-ties), a small sort by (hi, lo, worker) of just
+those. If more than ``_TIES`` elements share high words (equal deterministic workers), one
+full three-key sort ranks everything instead.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from asgd_jax.workers import _clock
 from asgd_jax.workers._laws import ComputeTime
 from asgd_jax.workers._model import WorkerModel
 from asgd_jax.workers._state import WorkerTrace
@@ -34,30 +36,6 @@ def applicable(model: WorkerModel) -> bool:
     if model.protocol == "k_sync":
         return True
     return model.protocol in ("async", "k_async") and model.max_staleness is None
-
-
-def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """s + e = a + b exactly, s = fl(a + b) (Knuth's TwoSum)."""
-    s = a + b
-    bb = s - a
-    return s, (a - (s - bb)) + (b - bb)
-
-
-def _add(x: tuple[jax.Array, jax.Array], y: tuple[jax.Array, jax.Array]):
-    """Double-float addition of (hi, lo) pairs; the result is normalised (|lo| ≤ ulp(hi)/2)."""
-    s, e = _two_sum(x[0], y[0])
-    e = e + (x[1] + y[1])
-    hi = s + e
-    return hi, e - (hi - s)
-
-
-def _cumsum(values: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Double-float inclusive prefix sums along axis 0 (the same operations for every column)."""
-    return jax.lax.associative_scan(_add, (values, jnp.zeros_like(values)), axis=0)
-
-
-def _less(a: tuple[jax.Array, jax.Array], b: tuple[jax.Array, jax.Array]) -> jax.Array:
-    return (a[0] < b[0]) | ((a[0] == b[0]) & (a[1] < b[1]))
 
 
 def _typical(law: ComputeTime | None) -> float:
@@ -87,7 +65,7 @@ def _k_sync(model: WorkerModel, table: jax.Array) -> WorkerTrace:
     num = table.shape[0]
     iota = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), table.shape)
     ordered, order = jax.lax.sort((table, iota), dimension=1, num_keys=1, is_stable=True)
-    hi, _ = _cumsum(ordered[:, k - 1])
+    hi, _ = _clock.running_sums(ordered[:, k - 1])
     zeros = jnp.zeros((num,), jnp.int32)
     true = jnp.ones((num,), bool)
     return WorkerTrace(
@@ -101,6 +79,66 @@ def _k_sync(model: WorkerModel, table: jax.Array) -> WorkerTrace:
         version=jnp.arange(1, num + 1, dtype=jnp.int32),
         stopped=zeros,
     )
+
+
+#: Elements sharing a high word that the small tie sort handles (more: one full sort).
+_TIES = 4096
+_BIG = jnp.iinfo(jnp.int32).max
+
+
+def _sortable(x: jax.Array) -> jax.Array:
+    """int32 keys in the order of the float32 values (0.0 for ±0: the pairs never hold −0)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+    bits = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+    return jnp.where(x == 0, 0, bits)
+
+
+def _ranks(hi, lo, valid, n: int) -> jax.Array:
+    """The rank of every valid element in (hi, lo, worker) order; ``size`` for the others.
+
+    Elements are laid out cycle-major (index c·n + i); the worker id i breaks exact ties.
+    """
+    size = hi.shape[0]
+    worker = jnp.arange(size, dtype=jnp.int32) % n
+    key = jnp.where(valid, jax.lax.bitcast_convert_type(hi, jnp.int32), _BIG)
+    ordered = jax.lax.sort(key)
+    left = jnp.searchsorted(ordered, key, side="left", method="scan_unrolled")
+    left = left.astype(jnp.int32)
+    shared = valid & (left + 1 < size)
+    shared = shared & (ordered[jnp.minimum(left + 1, size - 1)] == key)
+    left = jnp.where(valid, left, size)
+    count = jnp.sum(shared.astype(jnp.int32))
+    lo_key = _sortable(lo)
+
+    def few_ties():
+        # Compact the hi-tied elements, sort them by (hi, lo, worker), and place each at its
+        # group's first rank plus its place within the group.
+        ties = min(_TIES, size)
+        at = jnp.where(shared, jnp.cumsum(shared.astype(jnp.int32)) - 1, ties)
+        elem = jnp.full((ties,), size, jnp.int32)
+        elem = elem.at[at].set(jnp.arange(size, dtype=jnp.int32), mode="drop")
+        pad = elem == size
+        pick = jnp.minimum(elem, size - 1)
+        columns = (
+            jnp.where(pad, _BIG, key[pick]),
+            jnp.where(pad, _BIG, lo_key[pick]),
+            jnp.where(pad, _BIG, worker[pick]),
+            elem,
+        )
+        t_key, _, _, t_elem = jax.lax.sort(columns, num_keys=3, is_stable=True)
+        t_left = left[jnp.minimum(t_elem, size - 1)]
+        p = jnp.arange(ties, dtype=jnp.int32)
+        first = jnp.concatenate([jnp.ones((1,), bool), t_key[1:] != t_key[:-1]])
+        group = jax.lax.cummax(jnp.where(first, p, 0))
+        return left.at[t_elem].set(t_left + p - group, mode="drop")
+
+    def full_sort():
+        elem = jnp.arange(size, dtype=jnp.int32)
+        _, _, _, order = jax.lax.sort((key, lo_key, worker, elem), num_keys=3, is_stable=True)
+        ranks = jnp.zeros((size,), jnp.int32).at[order].set(elem, unique_indices=True)
+        return jnp.where(valid, ranks, size)
+
+    return jax.lax.cond(count <= min(_TIES, size), few_ties, full_sort)
 
 
 def simulate_sorted(
@@ -120,29 +158,26 @@ def simulate_sorted(
     arrivals = num * k
     cycles = max(cycles, -(-arrivals // n))  # at least ``arrivals`` candidates
     table = table_fn(key, cycles)  # (cycles, n)
-    hi, lo = _cumsum(table)
+    hi, lo = _clock.running_sums(table)
     horizon_hi = jnp.min(hi[-1])
     horizon = (horizon_hi, jnp.min(jnp.where(hi[-1] == horizon_hi, lo[-1], jnp.inf)))
-    valid = _less((hi, lo), (jnp.broadcast_to(horizon[0], hi.shape), horizon[1]))
+    valid = _clock.less((hi, lo), (jnp.broadcast_to(horizon[0], hi.shape), horizon[1]))
     size = cycles * n
-    # One tie-break key that is also the identity: worker-major index i·cycles + c orders
-    # equal times by worker id (a worker never ties with itself: its times increase).
-    ident = (
-        jnp.arange(n, dtype=jnp.int32)[None, :] * cycles
-        + jnp.arange(cycles, dtype=jnp.int32)[:, None]
-    ).reshape(size)
-    key_hi = jnp.where(valid, hi, jnp.inf).reshape(size)
-    key_lo = jnp.where(valid, lo, 0.0).reshape(size)
-    s_hi, s_lo, s_ident = jax.lax.sort((key_hi, key_lo, ident), num_keys=3)
-    s_worker, s_cycle = s_ident // cycles, s_ident % cycles
-    covered = jnp.sum(valid.astype(jnp.int32))  # arrivals known to be in order
-    g = jnp.arange(size, dtype=jnp.int32)
-    # position[c, i]: global index of worker i's c-th arrival (≥ covered if not covered).
-    flat = s_cycle * n + s_worker
-    position = jnp.zeros((size,), jnp.int32).at[flat].set(g, unique_indices=True)
+    # position[c, i]: global index of worker i's c-th arrival (``size`` if not covered).
+    position = _ranks(hi.reshape(size), lo.reshape(size), valid.reshape(size), n)
     position = position.reshape(cycles, n)
-    s_hi, s_worker, cycle = s_hi[:arrivals], s_worker[:arrivals], s_cycle[:arrivals]
-    g = g[:arrivals]
+    covered = jnp.sum(valid.astype(jnp.int32))  # arrivals known to be in order
+    # Every covered arrival's record goes to its global index (the rest are dropped).
+    cycle_of = jnp.broadcast_to(jnp.arange(cycles, dtype=jnp.int32)[:, None], (cycles, n))
+    worker_of = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, :], (cycles, n))
+    slot = jnp.where(position < arrivals, position, arrivals).reshape(size)
+
+    def place(values, fill):
+        out = jnp.full((arrivals,), fill, values.dtype)
+        return out.at[slot].set(values.reshape(size), mode="drop")
+
+    s_hi, s_worker, cycle = place(hi, 0.0), place(worker_of, 0), place(cycle_of, 0)
+    g = jnp.arange(arrivals, dtype=jnp.int32)
     previous = position[jnp.maximum(cycle - 1, 0), s_worker]
     pulled = jnp.where(cycle > 0, (previous + 1) // k, 0)
     tau = g // k - pulled
@@ -189,15 +224,15 @@ def _extend(model, key, hi, lo, position, trace, done):
     row = jnp.maximum(clock[jnp.minimum(j, n - 1)] - 1, 0)
     now_hi = jnp.where(arrived > 0, hi[row, jnp.minimum(j, n - 1)], 0.0)
     now_lo = jnp.where(arrived > 0, lo[row, jnp.minimum(j, n - 1)], 0.0)
-    next_hi, next_lo = hi[clock, iota], lo[clock, iota]
-    finish = _add((next_hi, next_lo), (-now_hi, -now_lo))[0]
     state = model.init(key)
     state = state._replace(
-        finish=finish,
+        finish=hi[clock, iota],
+        finish_lo=lo[clock, iota],
         pulled=pulled,
         clock=clock,
         version=jnp.asarray(done, jnp.int32),
         time=now_hi,
+        time_lo=now_lo,
         worker=jnp.where(arrived > 0, j, -1).astype(jnp.int32),
         group_count=jnp.asarray(k if k > 1 else 0, jnp.int32),
     )

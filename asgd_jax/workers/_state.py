@@ -12,13 +12,16 @@ class WorkerState(NamedTuple):
 
     Attributes:
       seed: two uint32 words of the counter-based hash (from the key).
-      finish: float32[n], time until each worker's gradient arrives, relative to ``time``
-        (``inf`` for a worker blocked by SSP; the last round's cycle times for ``k_sync``).
+      finish: float32[n], the simulated time at which each worker's gradient arrives (the
+        high word of a double-float pair, see ``_clock``; ``inf`` for a worker blocked by
+        SSP; the last round's cycle times for ``k_sync``).
+      finish_lo: float32[n], the low words of those times.
       pulled: int32[n], the parameter version each worker is computing on.
       clock: int32[n], gradients each worker has pushed (its SSP clock).
       version: updates applied by the server so far.
-      time: the simulated wall clock at the last event (a float32 sum of inter-arrival
-        gaps: its relative rounding error grows like √events · 2⁻²⁴, ~1e-4 after 10⁷).
+      time: the simulated wall clock at the last event, float32 (the high word: the exact
+        sum of the float32 cycle times rounded once to float32).
+      time_lo: its low word.
       worker: id of the last arriving worker (−1 before the first event).
       staleness: staleness of the last arrival (version − pulled, before any clipping).
       accepted: whether the last arrival was accepted (False: dropped, τ > max_staleness).
@@ -36,10 +39,12 @@ class WorkerState(NamedTuple):
 
     seed: jax.Array
     finish: jax.Array
+    finish_lo: jax.Array
     pulled: jax.Array
     clock: jax.Array
     version: jax.Array
     time: jax.Array
+    time_lo: jax.Array
     worker: jax.Array
     staleness: jax.Array
     accepted: jax.Array
