@@ -474,7 +474,7 @@ def test_sorted_path_equals_event_path():
     for kwargs in SORTED_CASES:
         model = workers.parameter_server(**kwargs)
         events = _np(workers.simulate(model, KEY, 3_000, method="events_reference"))
-        fast = _np(workers.simulate(model, KEY, 3_000))  # "auto" picks the sorted path
+        fast = _np(workers.simulate(model, KEY, 3_000, method="sorted"))
         for name in events._fields:
             np.testing.assert_array_equal(
                 getattr(fast, name), getattr(events, name), err_msg=f"{model.name} {name}"
@@ -540,6 +540,23 @@ def test_sorted_path_extends_past_a_short_horizon():
         short = _np(workers.simulate(model, key, 300, method="sorted"))
         for name in short._fields:
             np.testing.assert_array_equal(getattr(short, name), getattr(events, name), name)
+
+
+def test_auto_takes_the_sorted_path_for_long_runs_only(monkeypatch):
+    from asgd_jax.workers import _simulate
+
+    taken = []
+    sorted_fn = _simulate._simulate_sorted
+    monkeypatch.setattr(
+        _simulate, "_simulate_sorted", lambda *a: taken.append(a[2]) or sorted_fn(*a)
+    )
+    model = workers.parameter_server(8, workers.exponential(1.0), max_delay=200)
+    short = workers.simulate(model, KEY, 200)
+    assert not taken  # 200 · 8 arrivals: the event loop is cheaper than compiling
+    monkeypatch.setattr(_simulate, "_SORTED_FROM", 1_000)
+    long = workers.simulate(model, KEY, 200)
+    assert taken == [200]
+    chex.assert_trees_all_equal(long, short)
 
 
 def test_simulate_method_validation():

@@ -58,4 +58,4 @@ def running_sums(cycles: jax.Array) -> Pair:
         return carry, carry
 
     zero = jnp.zeros_like(cycles[0])
-    return jax.lax.scan(body, (zero, zero), cycles, unroll=8)[1]
+    return jax.lax.scan(body, (zero, zero), cycles)[1]

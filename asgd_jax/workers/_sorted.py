@@ -102,7 +102,7 @@ def _ranks(hi, lo, valid, n: int) -> jax.Array:
     worker = jnp.arange(size, dtype=jnp.int32) % n
     key = jnp.where(valid, jax.lax.bitcast_convert_type(hi, jnp.int32), _BIG)
     ordered = jax.lax.sort(key)
-    left = jnp.searchsorted(ordered, key, side="left", method="scan_unrolled")
+    left = jnp.searchsorted(ordered, key, side="left", method="scan")
     left = left.astype(jnp.int32)
     shared = valid & (left + 1 < size)
     shared = shared & (ordered[jnp.minimum(left + 1, size - 1)] == key)
