@@ -542,6 +542,31 @@ def test_sorted_path_extends_past_a_short_horizon():
             np.testing.assert_array_equal(getattr(short, name), getattr(events, name), name)
 
 
+@pytest.mark.parametrize(
+    "n, kwargs",
+    [
+        (1024, dict(compute_time=workers.exponential(1.0), num_slow=64, slow_factor=4.0)),
+        (1024, dict(compute_time=workers.lognormal(mean=1.0, cv=1.5), comm_time=0.1)),
+    ],
+    ids=["exponential", "lognormal"],
+)
+def test_topped_up_tables_equal_the_event_loop(n, kwargs):
+    # From 1024 workers the table is sized for the typical worker and the earliest
+    # finishers draw more cycles: the records stay bitwise the event loop's, also when the
+    # table is deliberately too short and the event loop finishes the run from the horizon.
+    from asgd_jax.workers import _simulate, _sorted
+
+    model = workers.parameter_server(n, max_delay=40 * n, **kwargs)
+    num = 3_000
+    cycles, top_workers, top_cycles = _sorted.plan(model, num)
+    assert top_workers > 0 and top_cycles > 0 and cycles < _sorted.num_cycles(model, num)
+    reference = _np(workers.simulate(model, KEY, num, method="events_reference"))
+    for shape in ((cycles, top_workers, top_cycles), (2, 64, 3)):
+        fast = _np(_simulate._simulate_sorted(model, KEY, num, shape))
+        for name in fast._fields:
+            np.testing.assert_array_equal(getattr(fast, name), getattr(reference, name), name)
+
+
 def test_auto_takes_the_sorted_path_for_long_runs_only(monkeypatch):
     from asgd_jax.workers import _simulate
 

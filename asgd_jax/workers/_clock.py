@@ -46,16 +46,19 @@ def less(a: Pair, b: Pair) -> jax.Array:
     return (a[0] < b[0]) | ((a[0] == b[0]) & (a[1] < b[1]))
 
 
-def running_sums(cycles: jax.Array) -> Pair:
+def running_sums(cycles: jax.Array, start: Pair | None = None) -> Pair:
     """Each column's finish times: row c is ``advance`` applied to rows 0..c in order.
 
     A sequential scan over the rows (vectorised over the columns), so row c holds exactly
-    what the event loop's c-th ``advance`` of that worker holds.
+    what the event loop's c-th ``advance`` of that worker holds; ``start`` continues the
+    sums from given pairs (default: time 0).
     """
 
     def body(carry, row):
         carry = advance(carry, row)
         return carry, carry
 
-    zero = jnp.zeros_like(cycles[0])
-    return jax.lax.scan(body, (zero, zero), cycles)[1]
+    if start is None:
+        zero = jnp.zeros_like(cycles[0])
+        start = (zero, zero)
+    return jax.lax.scan(body, start, cycles)[1]

@@ -144,8 +144,11 @@ _cycle_times = _jitted(_cycle_times_fn)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 3))
-def _simulate_sorted(model: WorkerModel, key: chex.PRNGKey, num: int, cycles: int):
-    return _sorted.simulate_sorted(model, key, num, functools.partial(_cycle_times, model), cycles)
+def _simulate_sorted(model: WorkerModel, key: chex.PRNGKey, num: int, shape: tuple):
+    mult = np.asarray(model.multipliers)
+    fn = cycle_time_fn(model.num_workers, model.compute_time, model.comm_time, mult)
+    cycle_fn = lambda key, worker, index: fn(delays.key_words(key), worker, index)
+    return _sorted.simulate_sorted(model, key, num, cycle_fn, shape)
 
 
 _METHODS = ("auto", "events", "events_reference", "sorted")
@@ -215,7 +218,7 @@ def simulate(
     if method == "events" or model.traced or not _sorted.applicable(model):
         blocked = _blocked.applicable(model) and model.num_workers >= _blocked.MIN_WORKERS
         return (_simulate_blocked if blocked else _simulate)(model, key, num)
-    return _simulate_sorted(model, key, num, _sorted.num_cycles(model, num * model.k))
+    return _simulate_sorted(model, key, num, _sorted.plan(model, num * model.k))
 
 
 def simulate_events(model: WorkerModel, key: chex.PRNGKey, num_events: int) -> WorkerTrace:

@@ -18,6 +18,7 @@ full three-key sort ranks everything instead.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import chex
@@ -60,6 +61,46 @@ def num_cycles(model: WorkerModel, num_arrivals: int) -> int:
     return int(math.ceil(1.1 * base + 6.0 * math.sqrt(base) + 8.0))
 
 
+#: From this many workers on, the cycle table is sized for the typical worker and the
+#: earliest finishers get more cycles (see :func:`plan`).
+_TOP_UP_FROM = 1024
+
+
+@functools.lru_cache(maxsize=64)
+def plan(model: WorkerModel, num_arrivals: int) -> tuple[int, int, int]:
+    """``(cycles, top_up_workers, top_up_cycles)``: the shape of the arrival table.
+
+    Every worker draws ``cycles`` cycles; the ``top_up_workers`` whose last one finishes
+    earliest draw ``top_up_cycles`` more. One table sized for the fastest worker
+    (:func:`num_cycles`) holds ~16 cycles per worker for ~1 arrival each at n = 10,000,
+    because the luckiest of many workers sets the horizon; the top-up sizes the table for
+    the typical worker instead: ``cycles`` is the least c at which at most a quarter of
+    the top-up budget is expected to run out (a Poisson count of arrivals by the horizon,
+    per worker), and the topped-up workers reach :func:`num_cycles`.
+    """
+    full = num_cycles(model, num_arrivals)
+    n = model.num_workers
+    if n < _TOP_UP_FROM:
+        return full, 0, 0
+    from scipy import stats
+
+    workers = max(64, n // 8)
+    typical = np.asarray(model.multipliers) * _typical(model.compute_time)
+    rates = 1.0 / np.maximum(typical + _typical(model.comm_time), 1e-30)
+    expected = 1.1 * num_arrivals * rates / rates.sum() + 1.0
+
+    def enough(c: int) -> bool:  # at most a quarter of the budget expected to run out
+        return float(np.sum(stats.poisson.sf(c - 1, expected))) <= workers / 4
+
+    if not enough(full - 1):
+        return full, 0, 0
+    low, high = 0, full - 1  # enough(high); the tail sum decreases in c
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if enough(mid) else (mid, high)
+    return high, workers, full - high
+
+
 def _k_sync(model: WorkerModel, table: jax.Array) -> WorkerTrace:
     n, k = model.num_workers, model.k
     num = table.shape[0]
@@ -93,16 +134,18 @@ def _sortable(x: jax.Array) -> jax.Array:
     return jnp.where(x == 0, 0, bits)
 
 
-def _ranks(hi, lo, valid, n: int) -> jax.Array:
+def _ranks(hi, lo, valid, worker) -> jax.Array:
     """The rank of every valid element in (hi, lo, worker) order; ``size`` for the others.
 
-    Elements are laid out cycle-major (index c·n + i); the worker id i breaks exact ties.
+    A worker's own elements come in cycle order (its times increase; the stable sorts keep
+    element order where a pair ever repeats).
     """
     size = hi.shape[0]
-    worker = jnp.arange(size, dtype=jnp.int32) % n
     key = jnp.where(valid, jax.lax.bitcast_convert_type(hi, jnp.int32), _BIG)
     ordered = jax.lax.sort(key)
-    left = jnp.searchsorted(ordered, key, side="left", method="scan")
+    # The unrolled search is ~2x faster on large arrays; the loop compiles faster.
+    method = "scan_unrolled" if size > 65_536 else "scan"
+    left = jnp.searchsorted(ordered, key, side="left", method=method)
     left = left.astype(jnp.int32)
     shared = valid & (left + 1 < size)
     shared = shared & (ordered[jnp.minimum(left + 1, size - 1)] == key)
@@ -142,47 +185,74 @@ def _ranks(hi, lo, valid, n: int) -> jax.Array:
 
 
 def simulate_sorted(
-    model: WorkerModel, key: chex.PRNGKey, num: int, table_fn, cycles: int
+    model: WorkerModel, key: chex.PRNGKey, num: int, cycle_fn, shape: tuple[int, int, int]
 ) -> WorkerTrace:
     """The first ``num`` updates of an :func:`applicable` model by sorting all arrivals.
 
-    ``table_fn(key, c)`` returns the ``(c, n)`` cycle-time table. Arrivals strictly before
-    T* = min_i F_{i, cycles−1} are complete and in order (any undrawn arrival of worker i
-    is at or after F_{i, cycles−1} ≥ T*). If fewer than ``num`` updates fall before T* (a
-    rare tail event with the default ``cycles``), the rest are simulated from the state at
-    the horizon by ``model.next`` in a ``while_loop`` that runs zero times otherwise.
+    ``cycle_fn(key, worker, index)`` draws cycle times (broadcasting) and ``shape`` is
+    :func:`plan`'s. Arrivals strictly before the horizon T* (the earliest last drawn
+    finish time of any worker) are complete and in order: any undrawn arrival of a worker
+    comes after its last drawn one. If fewer than ``num`` updates fall before T* (a rare
+    tail event), the rest are simulated from the state at the horizon by ``model.next`` in
+    a ``while_loop`` that runs zero times otherwise.
     """
     if model.protocol == "k_sync":
-        return _k_sync(model, table_fn(key, num))
+        rounds = jnp.arange(num, dtype=jnp.int32)[:, None]
+        ids = jnp.arange(model.num_workers, dtype=jnp.int32)[None, :]
+        return _k_sync(model, cycle_fn(key, ids, rounds))
     n, k, max_delay = model.num_workers, model.k, model.max_delay
     arrivals = num * k
+    cycles, top_workers, top_cycles = shape
     cycles = max(cycles, -(-arrivals // n))  # at least ``arrivals`` candidates
-    table = table_fn(key, cycles)  # (cycles, n)
-    hi, lo = _clock.running_sums(table)
-    horizon_hi = jnp.min(hi[-1])
-    horizon = (horizon_hi, jnp.min(jnp.where(hi[-1] == horizon_hi, lo[-1], jnp.inf)))
-    valid = _clock.less((hi, lo), (jnp.broadcast_to(horizon[0], hi.shape), horizon[1]))
-    size = cycles * n
-    # position[c, i]: global index of worker i's c-th arrival (``size`` if not covered).
-    position = _ranks(hi.reshape(size), lo.reshape(size), valid.reshape(size), n)
-    position = position.reshape(cycles, n)
+    iota = jnp.arange(n, dtype=jnp.int32)
+    hi, lo = _clock.running_sums(cycle_fn(key, iota[None, :], jnp.arange(cycles)[:, None]))
+    main = cycles * n
+    # Flat element arrays: main element c·n + i is worker i's c-th arrival; top-up element
+    # main + e·W + w is worker sel[w]'s (cycles + e)-th.
+    worker = jnp.tile(iota, cycles)
+    cycle = jnp.repeat(jnp.arange(cycles, dtype=jnp.int32), n)
+    previous = jnp.where(cycle > 0, jnp.arange(main, dtype=jnp.int32) - n, -1)
+    slot_of = jnp.full((n,), -1, jnp.int32)
+    last_hi, last_lo = hi[-1], lo[-1]
+    flat_hi, flat_lo = hi.reshape(main), lo.reshape(main)
+    if top_workers:
+        _, sel = jax.lax.top_k(-last_hi, top_workers)
+        sel = sel.astype(jnp.int32)
+        w = jnp.arange(top_workers, dtype=jnp.int32)
+        extra = jnp.arange(cycles, cycles + top_cycles, dtype=jnp.int32)[:, None]
+        t_hi, t_lo = _clock.running_sums(
+            cycle_fn(key, sel[None, :], extra), (last_hi[sel], last_lo[sel])
+        )
+        slot_of = slot_of.at[sel].set(w)
+        e = jnp.repeat(jnp.arange(top_cycles, dtype=jnp.int32), top_workers)
+        w_flat = jnp.tile(w, top_cycles)
+        worker = jnp.concatenate([worker, sel[w_flat]])
+        cycle = jnp.concatenate([cycle, cycles + e])
+        top_previous = jnp.where(
+            e > 0, main + (e - 1) * top_workers + w_flat, (cycles - 1) * n + sel[w_flat]
+        )
+        previous = jnp.concatenate([previous, top_previous])
+        flat_hi = jnp.concatenate([flat_hi, t_hi.reshape(-1)])
+        flat_lo = jnp.concatenate([flat_lo, t_lo.reshape(-1)])
+        last_hi = last_hi.at[sel].set(t_hi[-1])
+        last_lo = last_lo.at[sel].set(t_lo[-1])
+    horizon_hi = jnp.min(last_hi)
+    horizon = (horizon_hi, jnp.min(jnp.where(last_hi == horizon_hi, last_lo, jnp.inf)))
+    size = flat_hi.shape[0]
+    valid = _clock.less((flat_hi, flat_lo), (jnp.broadcast_to(horizon[0], (size,)), horizon[1]))
+    rank = _ranks(flat_hi, flat_lo, valid, worker)  # ``size`` where not covered
     covered = jnp.sum(valid.astype(jnp.int32))  # arrivals known to be in order
-    # Every covered arrival's record goes to its global index (the rest are dropped).
-    cycle_of = jnp.broadcast_to(jnp.arange(cycles, dtype=jnp.int32)[:, None], (cycles, n))
-    worker_of = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, :], (cycles, n))
-    slot = jnp.where(position < arrivals, position, arrivals).reshape(size)
+    before = jnp.where(previous >= 0, rank[jnp.maximum(previous, 0)], -1)
+    tau = rank // k - (before + 1) // k
+    slot = jnp.where(rank < arrivals, rank, arrivals)
 
-    def place(values, fill):
-        out = jnp.full((arrivals,), fill, values.dtype)
-        return out.at[slot].set(values.reshape(size), mode="drop")
+    def place(values):
+        out = jnp.zeros((arrivals,), values.dtype)
+        return out.at[slot].set(values, mode="drop")
 
-    s_hi, s_worker, cycle = place(hi, 0.0), place(worker_of, 0), place(cycle_of, 0)
-    g = jnp.arange(arrivals, dtype=jnp.int32)
-    previous = position[jnp.maximum(cycle - 1, 0), s_worker]
-    pulled = jnp.where(cycle > 0, (previous + 1) // k, 0)
-    tau = g // k - pulled
+    s_hi, s_lo, s_worker, s_tau = place(flat_hi), place(flat_lo), place(worker), place(tau)
     if k > 1:
-        groups = tau.reshape(num, k)
+        groups = s_tau.reshape(num, k)
         if model.group_staleness == "max":
             raw = groups.max(1)
         elif model.group_staleness == "min":
@@ -190,7 +260,7 @@ def simulate_sorted(
         else:
             raw = (groups.sum(1) + k // 2) // k
     else:
-        raw = tau
+        raw = s_tau
     last = slice(k - 1, None, k)
     ones = jnp.ones((num,), bool)
     trace = WorkerTrace(
@@ -204,38 +274,42 @@ def simulate_sorted(
         version=jnp.arange(1, num + 1, dtype=jnp.int32),
         stopped=jnp.zeros((num,), jnp.int32),
     )
-    # Updates whose records are final; the loop in _extend runs zero times when all are.
+    # Updates whose records are final; the loop below runs zero times when all are.
     done = jnp.minimum(covered // k, num)
-    return _extend(model, key, hi, lo, position, trace, done)
-
-
-def _extend(model, key, hi, lo, position, trace, done):
-    """Records ``done..num−1`` by the event loop, from the state after ``done`` updates."""
-    n, k = model.num_workers, model.k
-    num = trace.staleness.shape[0]
     arrived = done * k
-    clock = jnp.sum((position < arrived).astype(jnp.int32), axis=0)
-    iota = jnp.arange(n, dtype=jnp.int32)
-    last_index = position[jnp.maximum(clock - 1, 0), iota]
-    pulled = jnp.where(clock > 0, (last_index + 1) // k, 0)
-    # The last covered arrival: the worker whose last arrival has global index arrived − 1.
-    is_last = (clock > 0) & (last_index == arrived - 1)
-    j = jnp.min(jnp.where(is_last, iota, n))
-    row = jnp.maximum(clock[jnp.minimum(j, n - 1)] - 1, 0)
-    now_hi = jnp.where(arrived > 0, hi[row, jnp.minimum(j, n - 1)], 0.0)
-    now_lo = jnp.where(arrived > 0, lo[row, jnp.minimum(j, n - 1)], 0.0)
-    state = model.init(key)
-    state = state._replace(
-        finish=hi[clock, iota],
-        finish_lo=lo[clock, iota],
-        pulled=pulled,
+    # The state after ``arrived`` arrivals, for the event loop.
+    # Per-worker counts as reductions over the table layout (a scatter-add of every
+    # element into n counters is several times slower on CPU).
+    seen = (rank < arrived).astype(jnp.int32)
+    clock = jnp.sum(seen[:main].reshape(cycles, n), axis=0)
+    if top_workers:
+        topped = jnp.sum(seen[main:].reshape(top_cycles, top_workers), axis=0)
+        clock = clock.at[sel].add(topped)
+
+    def index(c):  # flat index of worker i's c-th arrival (drawn for every c ≤ its clock)
+        top = main + (c - cycles) * max(top_workers, 1) + jnp.maximum(slot_of, 0)
+        return jnp.where(c < cycles, c * n + iota, top)
+
+    latest = rank[index(jnp.maximum(clock - 1, 0))]
+    nxt = index(clock)
+    at = jnp.maximum(arrived - 1, 0)
+    state = model.init(key)._replace(
+        finish=flat_hi[nxt],
+        finish_lo=flat_lo[nxt],
+        pulled=jnp.where(clock > 0, (latest + 1) // k, 0),
         clock=clock,
         version=jnp.asarray(done, jnp.int32),
-        time=now_hi,
-        time_lo=now_lo,
-        worker=jnp.where(arrived > 0, j, -1).astype(jnp.int32),
+        time=jnp.where(arrived > 0, s_hi[at], 0.0),
+        time_lo=jnp.where(arrived > 0, s_lo[at], 0.0),
+        worker=jnp.where(arrived > 0, s_worker[at], -1).astype(jnp.int32),
         group_count=jnp.asarray(k if k > 1 else 0, jnp.int32),
     )
+    return _extend(model, state, trace, done)
+
+
+def _extend(model, state, trace, done):
+    """Records ``done..num−1`` by the event loop, from the state after ``done`` updates."""
+    num = trace.staleness.shape[0]
 
     def body(carry):
         u, state, trace = carry
