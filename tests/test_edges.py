@@ -96,6 +96,18 @@ for i in range(3):
     one = jax.jit(run)(keys[i])
     np.testing.assert_array_equal(batched["w"][i], one["w"])
 assert batched["w"].dtype == jnp.float64
+# The worker simulation keeps its int32 counters and float32 clock pairs under x64, and
+# its methods agree bitwise there too (128 workers: the blocked loop).
+from asgd_jax import workers
+model = workers.parameter_server(128, workers.exponential(1.0), max_delay=4000)
+ref = workers.simulate(model, jax.random.key(1), 400, method="events_reference")
+for method in ("events", "sorted"):
+    out = workers.simulate(model, jax.random.key(1), 400, method=method)
+    np.testing.assert_array_equal(out.staleness, ref.staleness)
+    np.testing.assert_array_equal(out.time, ref.time)
+assert ref.staleness.dtype == jnp.int32 and ref.time.dtype == jnp.float32
+ssp = workers.parameter_server(4, 1.0, protocol="ssp", max_staleness=1)
+assert workers.simulate(ssp, jax.random.key(1), 20).staleness.dtype == jnp.int32
 print("ok")
 """
     out = subprocess.run(

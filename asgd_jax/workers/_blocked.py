@@ -104,9 +104,9 @@ def simulate_blocked(model: WorkerModel, key: chex.PRNGKey, num: int) -> WorkerT
         b, start, ids, sub, records = carry
         sub = server.arrival_at(sub, ids)
         # Row u + 1 for the block's u-th update; row 0 takes the arrivals that are not one.
-        row = jnp.where(sub.applied, sub.version - start, 0)
+        row = jnp.where(sub.applied, sub.version - start, 0).astype(jnp.int32)
         record = _record(server, max_delay, sub)[None]
-        records = jax.lax.dynamic_update_slice(records, record, (row, 0))
+        records = jax.lax.dynamic_update_slice(records, record, (row, jnp.int32(0)))
         return b + 1, start, ids, sub, records
 
     def block(carry):
@@ -128,7 +128,7 @@ def simulate_blocked(model: WorkerModel, key: chex.PRNGKey, num: int) -> WorkerT
         new = jax.lax.cond(b > 0, lambda: new, lambda: server.step(state))
         single = jnp.broadcast_to(_record(server, max_delay, new), (size, words))
         rows = jnp.where(b > 0, records[1:], single)
-        return new, jax.lax.dynamic_update_slice(out, rows, (state.version, 0))
+        return new, jax.lax.dynamic_update_slice(out, rows, (state.version, jnp.int32(0)))
 
     out = jnp.zeros((num + size + 1, words), jnp.int32)
     init = (server.init(key), out)

@@ -62,7 +62,8 @@ def _min(x: jax.Array) -> jax.Array:
 
 
 def _sum(x: jax.Array) -> jax.Array:
-    return _fold(x, jnp.add, jnp.sum)
+    # In x's own dtype: with x64 enabled jnp.sum would widen int32 counters to int64.
+    return _fold(x, jnp.add, lambda v: jnp.sum(v, dtype=v.dtype))
 
 
 class Server(NamedTuple):

@@ -241,7 +241,7 @@ def simulate_sorted(
     size = flat_hi.shape[0]
     valid = _clock.less((flat_hi, flat_lo), (jnp.broadcast_to(horizon[0], (size,)), horizon[1]))
     rank = _ranks(flat_hi, flat_lo, valid, worker)  # ``size`` where not covered
-    covered = jnp.sum(valid.astype(jnp.int32))  # arrivals known to be in order
+    covered = jnp.sum(valid, dtype=jnp.int32)  # arrivals known to be in order
     before = jnp.where(previous >= 0, rank[jnp.maximum(previous, 0)], -1)
     tau = rank // k - (before + 1) // k
     slot = jnp.where(rank < arrivals, rank, arrivals)
@@ -281,9 +281,9 @@ def simulate_sorted(
     # Per-worker counts as reductions over the table layout (a scatter-add of every
     # element into n counters is several times slower on CPU).
     seen = (rank < arrived).astype(jnp.int32)
-    clock = jnp.sum(seen[:main].reshape(cycles, n), axis=0)
+    clock = jnp.sum(seen[:main].reshape(cycles, n), axis=0, dtype=jnp.int32)
     if top_workers:
-        topped = jnp.sum(seen[main:].reshape(top_cycles, top_workers), axis=0)
+        topped = jnp.sum(seen[main:].reshape(top_cycles, top_workers), axis=0, dtype=jnp.int32)
         clock = clock.at[sel].add(topped)
 
     def index(c):  # flat index of worker i's c-th arrival (drawn for every c ≤ its clock)
