@@ -538,8 +538,11 @@ def test_sorted_path_extends_past_a_short_horizon():
         key = jax.random.key(seed)
         events = _np(workers.simulate(model, key, 300, method="events"))
         short = _np(workers.simulate(model, key, 300, method="sorted"))
+        # Under an outer jit the complete program (fallbacks in the graph) is traced.
+        traced = _np(jax.jit(lambda k: workers.simulate(model, k, 300, method="sorted"))(key))
         for name in short._fields:
             np.testing.assert_array_equal(getattr(short, name), getattr(events, name), name)
+            np.testing.assert_array_equal(getattr(traced, name), getattr(events, name), name)
 
 
 @pytest.mark.parametrize(

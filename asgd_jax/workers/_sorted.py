@@ -134,8 +134,12 @@ def _sortable(x: jax.Array) -> jax.Array:
     return jnp.where(x == 0, 0, bits)
 
 
-def _ranks(hi, lo, valid, worker) -> jax.Array:
+def _ranks(hi, lo, valid, worker, complete: bool = True) -> tuple[jax.Array, jax.Array]:
     """The rank of every valid element in (hi, lo, worker) order; ``size`` for the others.
+
+    Also returns whether the small tie sort held every shared time word. With
+    ``complete=False`` the full-sort fallback is left out of the program (its ranks are
+    then wrong where that flag is False: the caller reruns the complete program).
 
     A worker's own elements come in cycle order (its times increase; the stable sorts keep
     element order where a pair ever repeats).
@@ -181,12 +185,20 @@ def _ranks(hi, lo, valid, worker) -> jax.Array:
         ranks = jnp.zeros((size,), jnp.int32).at[order].set(elem, unique_indices=True)
         return jnp.where(valid, ranks, size)
 
-    return jax.lax.cond(count <= min(_TIES, size), few_ties, full_sort)
+    fits = count <= min(_TIES, size)
+    if not complete:
+        return few_ties(), fits
+    return jax.lax.cond(fits, few_ties, full_sort), fits
 
 
 def simulate_sorted(
-    model: WorkerModel, key: chex.PRNGKey, num: int, cycle_fn, shape: tuple[int, int, int]
-) -> WorkerTrace:
+    model: WorkerModel,
+    key: chex.PRNGKey,
+    num: int,
+    cycle_fn,
+    shape: tuple[int, int, int],
+    complete: bool = True,
+):
     """The first ``num`` updates of an :func:`applicable` model by sorting all arrivals.
 
     ``cycle_fn(key, worker, index)`` draws cycle times (broadcasting) and ``shape`` is
@@ -195,11 +207,16 @@ def simulate_sorted(
     comes after its last drawn one. If fewer than ``num`` updates fall before T* (a rare
     tail event), the rest are simulated from the state at the horizon by ``model.next`` in
     a ``while_loop`` that runs zero times otherwise.
+
+    ``complete=False`` builds the common case only (no event-loop fallback, no full-sort
+    fallback for many shared time words: about half the compile time) and returns
+    ``(trace, exact)``; where ``exact`` is False the complete program must be run instead.
     """
     if model.protocol == "k_sync":
         rounds = jnp.arange(num, dtype=jnp.int32)[:, None]
         ids = jnp.arange(model.num_workers, dtype=jnp.int32)[None, :]
-        return _k_sync(model, cycle_fn(key, ids, rounds))
+        trace = _k_sync(model, cycle_fn(key, ids, rounds))
+        return trace if complete else (trace, jnp.asarray(True))
     n, k, max_delay = model.num_workers, model.k, model.max_delay
     arrivals = num * k
     cycles, top_workers, top_cycles = shape
@@ -240,7 +257,7 @@ def simulate_sorted(
     horizon = (horizon_hi, jnp.min(jnp.where(last_hi == horizon_hi, last_lo, jnp.inf)))
     size = flat_hi.shape[0]
     valid = _clock.less((flat_hi, flat_lo), (jnp.broadcast_to(horizon[0], (size,)), horizon[1]))
-    rank = _ranks(flat_hi, flat_lo, valid, worker)  # ``size`` where not covered
+    rank, fits = _ranks(flat_hi, flat_lo, valid, worker, complete)  # ``size``: not covered
     covered = jnp.sum(valid, dtype=jnp.int32)  # arrivals known to be in order
     before = jnp.where(previous >= 0, rank[jnp.maximum(previous, 0)], -1)
     tau = rank // k - (before + 1) // k
@@ -276,6 +293,8 @@ def simulate_sorted(
     )
     # Updates whose records are final; the loop below runs zero times when all are.
     done = jnp.minimum(covered // k, num)
+    if not complete:
+        return trace, fits & (done == num)
     arrived = done * k
     # The state after ``arrived`` arrivals, for the event loop.
     # Per-worker counts as reductions over the table layout (a scatter-add of every
