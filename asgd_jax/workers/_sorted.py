@@ -261,13 +261,12 @@ def simulate_sorted(
     covered = jnp.sum(valid, dtype=jnp.int32)  # arrivals known to be in order
     before = jnp.where(previous >= 0, rank[jnp.maximum(previous, 0)], -1)
     tau = rank // k - (before + 1) // k
+    # One scatter of element ids into arrival order, then gathers (cheaper than scattering
+    # every column); slots past the covered arrivals hold element 0, rewritten below.
     slot = jnp.where(rank < arrivals, rank, arrivals)
-
-    def place(values):
-        out = jnp.zeros((arrivals,), values.dtype)
-        return out.at[slot].set(values, mode="drop")
-
-    s_hi, s_lo, s_worker, s_tau = place(flat_hi), place(flat_lo), place(worker), place(tau)
+    order = jnp.zeros((arrivals,), jnp.int32)
+    order = order.at[slot].set(jnp.arange(size, dtype=jnp.int32), mode="drop")
+    s_hi, s_lo, s_worker, s_tau = flat_hi[order], flat_lo[order], worker[order], tau[order]
     if k > 1:
         groups = s_tau.reshape(num, k)
         if model.group_staleness == "max":
