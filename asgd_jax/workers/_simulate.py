@@ -228,9 +228,7 @@ def simulate(
         )
     if method == "events_reference":
         return _simulate(model, key, num)
-    long_run = num * model.num_workers * model.k >= _SORTED_FROM or (
-        jax.default_backend() != "cpu"
-    )
+    long_run = num * model.num_workers * model.k >= _SORTED_FROM or (jax.default_backend() != "cpu")
     if method == "auto" and not long_run:
         method = "events"
     if method == "events" or model.traced or not _sorted.applicable(model):
