@@ -5,7 +5,7 @@ measures, in one run:
   (a) updates/s of ``asgd_jax.workers.simulate`` with ``method="events"`` (the blocked
       event loop, one cluster), ``method="events_reference"`` (one arrival per scan step,
       O(n) each) and ``method="sorted"`` (no event loop: per-worker running sums of cycle
-      times and one sort of all arrivals, what the default ``"auto"`` picks here); all
+      times and one sort of all arrivals, what the default ``"auto"`` picks for long runs); all
       three give bitwise the same records;
   (b) updates/s of the event loop vmapped over a batch of independent clusters (seeds);
   (c) updates/s of a ``heapq`` event loop in plain Python with the same semantics, fed the

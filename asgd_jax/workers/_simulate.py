@@ -109,14 +109,18 @@ def cycle_times(model: WorkerModel, key: chex.PRNGKey, num_cycles: int) -> jax.A
     return _cycle_times(model, key, check_int("num_cycles", num_cycles, low=1))
 
 
-def _cycle_times_fn(model: WorkerModel, key: chex.PRNGKey, num_cycles: int) -> jax.Array:
-    n = model.num_workers
+def _cycle_fn(model: WorkerModel) -> Callable[[chex.PRNGKey, jax.Array, jax.Array], jax.Array]:
+    """``(key, worker, index) -> cycle time`` of the model (broadcasting worker and index)."""
     mult = model.multipliers
     mult = mult if isinstance(mult, jax.Array) else np.asarray(mult)
-    fn = cycle_time_fn(n, model.compute_time, model.comm_time, mult)
+    fn = cycle_time_fn(model.num_workers, model.compute_time, model.comm_time, mult)
+    return lambda key, worker, index: fn(delays.key_words(key), worker, index)
+
+
+def _cycle_times_fn(model: WorkerModel, key: chex.PRNGKey, num_cycles: int) -> jax.Array:
     index = jnp.arange(num_cycles, dtype=jnp.int32)[:, None]
-    worker = jnp.arange(n, dtype=jnp.int32)[None, :]
-    return fn(delays.key_words(key), worker, index)
+    worker = jnp.arange(model.num_workers, dtype=jnp.int32)[None, :]
+    return _cycle_fn(model)(key, worker, index)
 
 
 def _jitted(fn: Callable) -> Callable:
@@ -147,10 +151,7 @@ _cycle_times = _jitted(_cycle_times_fn)
 def _simulate_sorted_program(
     model: WorkerModel, key: chex.PRNGKey, num: int, shape: tuple, complete: bool
 ):
-    mult = np.asarray(model.multipliers)
-    fn = cycle_time_fn(model.num_workers, model.compute_time, model.comm_time, mult)
-    cycle_fn = lambda key, worker, index: fn(delays.key_words(key), worker, index)
-    return _sorted.simulate_sorted(model, key, num, cycle_fn, shape, complete)
+    return _sorted.simulate_sorted(model, key, num, _cycle_fn(model), shape, complete)
 
 
 def _simulate_sorted(model: WorkerModel, key: chex.PRNGKey, num: int, shape: tuple):
@@ -228,9 +229,10 @@ def simulate(
         )
     if method == "events_reference":
         return _simulate(model, key, num)
-    long_run = num * model.num_workers * model.k >= _SORTED_FROM or (jax.default_backend() != "cpu")
-    if method == "auto" and not long_run:
-        method = "events"
+    if method == "auto":
+        long_run = num * model.num_workers * model.k >= _SORTED_FROM
+        if not long_run and jax.default_backend() == "cpu":
+            method = "events"
     if method == "events" or model.traced or not _sorted.applicable(model):
         blocked = _blocked.applicable(model) and model.num_workers >= _blocked.MIN_WORKERS
         return (_simulate_blocked if blocked else _simulate)(model, key, num)

@@ -227,8 +227,7 @@ def simulate_sorted(
     # Flat element arrays: main element c·n + i is worker i's c-th arrival; top-up element
     # main + e·W + w is worker sel[w]'s (cycles + e)-th.
     worker = jnp.tile(iota, cycles)
-    cycle = jnp.repeat(jnp.arange(cycles, dtype=jnp.int32), n)
-    previous = jnp.where(cycle > 0, jnp.arange(main, dtype=jnp.int32) - n, -1)
+    previous = jnp.arange(main, dtype=jnp.int32) - n  # < 0 for cycle 0: no previous arrival
     slot_of = jnp.full((n,), -1, jnp.int32)
     last_hi, last_lo = hi[-1], lo[-1]
     flat_hi, flat_lo = hi.reshape(main), lo.reshape(main)
@@ -244,7 +243,6 @@ def simulate_sorted(
         e = jnp.repeat(jnp.arange(top_cycles, dtype=jnp.int32), top_workers)
         w_flat = jnp.tile(w, top_cycles)
         worker = jnp.concatenate([worker, sel[w_flat]])
-        cycle = jnp.concatenate([cycle, cycles + e])
         top_previous = jnp.where(
             e > 0, main + (e - 1) * top_workers + w_flat, (cycles - 1) * n + sel[w_flat]
         )
